@@ -1,0 +1,38 @@
+"""Adaptive context parallelism for packed THD micro-batches (pure torch + torch.distributed).
+
+- :func:`build_cp_groups` — process groups for every CP degree of a plan, built once.
+- :func:`shard_for_cp` / :func:`unshard_from_cp` / :func:`cp_local_indices` /
+  :func:`cp_position_ids` — the load-balanced "2·c chunks" split of every document.
+- :func:`cp_attention` — causal attention within documents across a CP group (all-gather K/V).
+- :func:`cp_comm_bytes` — bytes sent per rank by that scheme.
+
+No Megatron import here: ``megatron_hbp.mcore`` calls these. See docs/cp.md.
+"""
+
+from megatron_hbp.cp.attention import cp_attention, cp_attention_local, gather_from_cp, varlen_attn_available
+from megatron_hbp.cp.comm import cp_comm_bytes
+from megatron_hbp.cp.groups import CPGroups, build_cp_groups, cp_group_ranks, dp_cp_group_ranks
+from megatron_hbp.cp.sharding import (
+    cp_local_indices,
+    cp_position_ids,
+    shard_for_cp,
+    unshard_from_cp,
+    validate_cp_layout,
+)
+
+__all__ = [
+    "CPGroups",
+    "build_cp_groups",
+    "cp_attention",
+    "cp_attention_local",
+    "cp_comm_bytes",
+    "cp_group_ranks",
+    "cp_local_indices",
+    "cp_position_ids",
+    "dp_cp_group_ranks",
+    "gather_from_cp",
+    "shard_for_cp",
+    "unshard_from_cp",
+    "validate_cp_layout",
+    "varlen_attn_available",
+]
