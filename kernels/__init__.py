@@ -9,9 +9,21 @@ PyTorch reference (also the CPU fallback), the launcher and the public function:
 """
 
 from .attention_cost import attention_cost, attention_cost_reference, attention_pairs_to_flops
+from .cross_entropy import (
+    count_loss_tokens,
+    token_balanced_cross_entropy,
+    token_balanced_cross_entropy_from_logits,
+    token_balanced_cross_entropy_from_logits_reference,
+    token_balanced_cross_entropy_reference,
+)
 
 __all__ = [
     "attention_cost",
     "attention_cost_reference",
     "attention_pairs_to_flops",
+    "count_loss_tokens",
+    "token_balanced_cross_entropy",
+    "token_balanced_cross_entropy_from_logits",
+    "token_balanced_cross_entropy_from_logits_reference",
+    "token_balanced_cross_entropy_reference",
 ]
