@@ -1,0 +1,287 @@
+"""Tests of the token-balanced cross-entropy (fused linear and from-logits) against the plain
+fp32 PyTorch reference (``F.cross_entropy`` on materialised fp32 logits, autograd grads).
+
+The Triton path runs compiled on CUDA and in the interpreter on CPU (root conftest sets
+TRITON_INTERPRET=1), at tiny shapes chosen to cross block edges: T = 70 (blocks of 32),
+V = 300 (blocks of 64), H = 48 (blocks of 32). Every buffer a kernel must fill starts as NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_hbp.kernels import (
+    count_loss_tokens,
+    token_balanced_cross_entropy,
+    token_balanced_cross_entropy_from_logits,
+    token_balanced_cross_entropy_from_logits_reference,
+    token_balanced_cross_entropy_reference,
+)
+from megatron_hbp.kernels import cross_entropy as ce_module
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# One table of tolerances, by input dtype. Loss: (rtol, atol) on the fp32 scalar. Grad:
+# max |got - ref| / max |ref| (bf16 gradients are rounded once to bf16, whose ulp is 2^-8,
+# and the interpreter truncates instead of rounding: a few ulps of headroom).
+TOL = {
+    torch.float32: {"loss": (1e-5, 1e-5), "grad": 1e-5},
+    torch.bfloat16: {"loss": (1e-5, 1e-4), "grad": 1.6e-2},
+}
+# Besides the table, bf16 gradients must be within 2x of torch eager's own bf16 error
+# (flash-attention's rule), plus one bf16 ulp of slack for truncating casts.
+BF16_ULP = 2.0**-8
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(ce_module, "_POISON_OUTPUTS", True)
+
+
+def make_case(T=70, H=48, V=300, dtype=torch.float32, seed=0, ignore_every=5, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=gen).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) * 0.3).to(dtype)
+    labels = torch.randint(0, V, (T,), generator=gen)
+    if T:
+        labels[0], labels[-1] = 0, V - 1  # first and last vocabulary entries
+        if ignore_every:
+            labels[1::ignore_every] = -100
+    return hidden.to(device), weight.to(device), labels.to(device)
+
+
+def reference(hidden, weight, labels, normalizer=None, ignore_index=-100):
+    h = hidden.detach().cpu().float().requires_grad_()
+    w = weight.detach().cpu().float().requires_grad_()
+    norm = normalizer.cpu() if isinstance(normalizer, torch.Tensor) else normalizer
+    loss = token_balanced_cross_entropy_reference(h, w, labels.cpu(), norm, ignore_index)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def ours(hidden, weight, labels, scale=1.0, **kwargs):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    loss = token_balanced_cross_entropy(h, w, labels, **kwargs)
+    (loss * scale).backward()
+    return loss.detach().cpu(), h.grad.cpu(), w.grad.cpu()
+
+
+def grad_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(got).any()
+    return ((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_loss(got, ref, dtype):
+    rtol, atol = TOL[dtype]["loss"]
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+
+
+def backend_device(backend):
+    return DEVICE if backend == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("chunks", [(None, None), (32, 100)], ids=["default", "chunked"])
+def test_linear_matches_reference(dtype, backend, chunks):
+    hidden, weight, labels = make_case(dtype=dtype, device=backend_device(backend))
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, normalizer=17.0)
+    loss, dh, dw = ours(
+        hidden,
+        weight,
+        labels,
+        normalizer=17.0,
+        backend=backend,
+        chunk_tokens=chunks[0],
+        chunk_vocab=chunks[1],
+    )
+    assert_close_loss(loss, ref_loss, dtype)
+    assert dh.dtype == dtype and dw.dtype == dtype
+    assert grad_error(dh, ref_dh) <= TOL[dtype]["grad"]
+    assert grad_error(dw, ref_dw) <= TOL[dtype]["grad"]
+    if dtype == torch.bfloat16:
+        # Torch eager in bf16 (materialised bf16 logits) against the same fp32 reference.
+        h = hidden.detach().cpu().clone().requires_grad_()
+        w = weight.detach().cpu().clone().requires_grad_()
+        (F.cross_entropy(h @ w.T, labels.cpu(), reduction="sum") / 17.0).backward()
+        assert grad_error(dh, ref_dh) <= 2 * grad_error(h.grad, ref_dh) + BF16_ULP
+        assert grad_error(dw, ref_dw) <= 2 * grad_error(w.grad, ref_dw) + BF16_ULP
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("chunk_vocab", [None, 100])
+def test_from_logits_matches_reference(dtype, backend, chunk_vocab):
+    hidden, weight, labels = make_case(dtype=dtype, T=40, V=400)
+    logits = (hidden.float() @ weight.float().T * 2.0).to(dtype).to(backend_device(backend))
+    x_ref = logits.detach().cpu().float().requires_grad_()
+    ref = token_balanced_cross_entropy_from_logits_reference(x_ref, labels, normalizer=torch.tensor(9.0))
+    ref.backward()
+    x = logits.detach().clone().requires_grad_()
+    loss = token_balanced_cross_entropy_from_logits(
+        x, labels.to(x.device), torch.tensor(9.0, device=x.device), backend=backend, chunk_vocab=chunk_vocab
+    )
+    loss.backward()
+    assert_close_loss(loss.detach().cpu(), ref.detach(), dtype)
+    assert x.grad.dtype == dtype
+    assert grad_error(x.grad.cpu(), x_ref.grad) <= TOL[dtype]["grad"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_normalizer_forms_and_grad_scale(backend):
+    hidden, weight, labels = make_case(T=33, V=130, device=backend_device(backend))
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels)
+    plain, dh, dw = ours(hidden, weight, labels, backend=backend)
+    torch.testing.assert_close(plain, ref_loss, rtol=1e-5, atol=1e-5)
+    for norm in (4, 4.0, torch.tensor(4.0, device=hidden.device), torch.tensor([4], device=hidden.device)):
+        # The backward seed 3.0 checks that the incoming gradient is applied too.
+        loss, dh4, dw4 = ours(hidden, weight, labels, scale=3.0, normalizer=norm, backend=backend)
+        torch.testing.assert_close(loss, ref_loss / 4, rtol=1e-5, atol=1e-5)
+        assert grad_error(dh4, ref_dh * 0.75) <= 1e-5
+        assert grad_error(dw4, ref_dw * 0.75) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_all_tokens_ignored(dtype, backend):
+    hidden, weight, labels = make_case(T=37, V=130, dtype=dtype, device=backend_device(backend))
+    labels = torch.full_like(labels, -100)
+    for norm in (None, torch.tensor(3.0, device=hidden.device)):
+        loss, dh, dw = ours(hidden, weight, labels, normalizer=norm, backend=backend)
+        assert loss.item() == 0.0
+        assert torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
+    logits = torch.randn(37, 130, dtype=dtype, device=hidden.device).requires_grad_()
+    loss = token_balanced_cross_entropy_from_logits(logits, labels, 5.0, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_custom_ignore_index_and_count(backend):
+    hidden, weight, labels = make_case(T=45, V=200, ignore_every=0, device=backend_device(backend))
+    labels[3:9] = -1
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, ignore_index=-1)
+    h = hidden.detach().clone().requires_grad_()
+    loss, count = token_balanced_cross_entropy(
+        h, weight, labels, ignore_index=-1, backend=backend, return_num_tokens=True
+    )
+    loss.backward()
+    torch.testing.assert_close(loss.detach().cpu(), ref_loss, rtol=1e-5, atol=1e-5)
+    assert grad_error(h.grad.cpu(), ref_dh) <= 1e-5
+    assert count.dtype == torch.int64 and count.item() == 45 - 6
+    assert count_loss_tokens(labels, ignore_index=-1).item() == 39
+    assert count_loss_tokens(torch.tensor([-100, 3, -100, 0])).item() == 2
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_inputs_are_not_modified_and_weight_only_grad(backend):
+    hidden, weight, labels = make_case(T=20, V=70, device=backend_device(backend))
+    copies = [t.clone() for t in (hidden, weight, labels)]
+    w = weight.clone().requires_grad_()
+    token_balanced_cross_entropy(hidden, w, labels, backend=backend).backward()
+    for before, after in zip(copies, (hidden, weight, labels)):
+        assert torch.equal(before, after)
+    _, _, ref_dw = reference(hidden, weight, labels)
+    assert grad_error(w.grad.cpu(), ref_dw) <= 1e-5
+    logits = torch.randn(20, 70, device=hidden.device)
+    before = logits.clone()
+    x = logits.requires_grad_()
+    token_balanced_cross_entropy_from_logits(x, labels, backend=backend).backward()
+    assert torch.equal(x.detach(), before)
+
+
+def test_empty_batch():
+    hidden, weight, labels = make_case(T=0, V=50)
+    h = hidden.requires_grad_()
+    w = weight.requires_grad_()
+    loss, count = token_balanced_cross_entropy(h, w, labels, return_num_tokens=True)
+    loss.backward()
+    assert loss.item() == 0.0 and count.item() == 0
+    assert h.grad.shape == (0, 48) and torch.count_nonzero(w.grad) == 0
+
+
+def test_chunk_sizes_bound_memory():
+    # One chunk of logits never exceeds the element budget, whatever T and V are.
+    cpu = torch.device("cpu")
+    for T, V in [(131072, 128256), (8192, 151936), (70, 300), (1, 10**6)]:
+        Tc, Vc = ce_module._chunk_sizes(T, V, cpu, None, None)
+        assert 1 <= Tc <= T and 1 <= Vc <= V and Tc * Vc <= 1 << 22
+    assert ce_module._chunk_sizes(70, 300, cpu, 32, 100) == (32, 100)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda h, w, y: (h.double(), w, y), "float32 or bfloat16"),
+        (lambda h, w, y: (h, w.bfloat16(), y), "must match hidden"),
+        (lambda h, w, y: (h, w[:, :-1], y), "H must match"),
+        (lambda h, w, y: (h[0], w, y), "2-D"),
+        (lambda h, w, y: (h, w, y.float()), "int64"),
+        (lambda h, w, y: (h, w, y[:-1]), r"shape \[T\]"),
+        (lambda h, w, y: (h, w, torch.where(y == 0, 70, y)), "outside the vocabulary"),
+        (lambda h, w, y: (h, w, torch.where(y == 0, -5, y)), "outside the vocabulary"),
+    ],
+)
+def test_bad_inputs(mutate, match):
+    hidden, weight, labels = make_case(T=10, V=70)
+    with pytest.raises(ValueError, match=match):
+        token_balanced_cross_entropy(*mutate(hidden, weight, labels))
+
+
+def test_bad_options():
+    hidden, weight, labels = make_case(T=10, V=70)
+    for norm in (0, -1.0, "4", True):
+        with pytest.raises(ValueError, match="normalizer"):
+            token_balanced_cross_entropy(hidden, weight, labels, normalizer=norm)
+    with pytest.raises(ValueError, match="one element"):
+        token_balanced_cross_entropy(hidden, weight, labels, normalizer=torch.ones(2))
+    with pytest.raises(ValueError, match="chunk_vocab"):
+        token_balanced_cross_entropy(hidden, weight, labels, chunk_vocab=0)
+    with pytest.raises(ValueError, match="backend must be"):
+        token_balanced_cross_entropy(hidden, weight, labels, backend="cuda")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        token_balanced_cross_entropy_from_logits(torch.zeros(3, 4, dtype=torch.float16), labels[:3])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        token_balanced_cross_entropy_from_logits(torch.zeros(3, 4), torch.tensor([0, 4, -100]))
+
+
+# ----------------------------------------------------------------------------- GPU (compiled)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1000, 256, 5000), (4099, 512, 32003)])
+def test_gpu_linear_larger_shapes(dtype, shape):
+    T, H, V = shape
+    hidden, weight, labels = make_case(T=T, H=H, V=V, dtype=dtype, ignore_every=7, device="cuda")
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, normalizer=float(T))
+    loss, dh, dw = ours(hidden, weight, labels, normalizer=torch.tensor(float(T), device="cuda"))
+    # fp32 tl.dot runs with input_precision="ieee"; long reductions over H and V loosen rtol.
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    tol = TOL[dtype]["grad"] if dtype == torch.bfloat16 else 1e-4
+    assert grad_error(dh, ref_dh) <= tol
+    assert grad_error(dw, ref_dw) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_from_logits_larger(dtype):
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3001, 50257, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, 50257, (3001,), generator=gen)
+    labels[::9] = -100
+    x_ref = logits.float().requires_grad_()
+    ref = token_balanced_cross_entropy_from_logits_reference(x_ref, labels, 100.0)
+    ref.backward()
+    x = logits.cuda().requires_grad_()
+    loss = token_balanced_cross_entropy_from_logits(x, labels.cuda(), 100.0)
+    loss.backward()
+    torch.testing.assert_close(loss.detach().cpu(), ref.detach(), rtol=1e-4, atol=1e-4)
+    assert grad_error(x.grad.cpu(), x_ref.grad) <= TOL[dtype]["grad"]
