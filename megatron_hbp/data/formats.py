@@ -21,6 +21,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,10 @@ def iter_chunks(paths: list[Path], chunk_bytes: int = 1 << 20) -> Iterator[Chunk
             f = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip_path(path) else raw
             offset, line, carry = 0, 1, b""
             while True:
-                block = f.read(chunk_bytes)
+                try:
+                    block = f.read(chunk_bytes)
+                except (OSError, EOFError, zlib.error) as e:
+                    raise DataError(path, line, f"cannot read the file after line {line - 1}: {e}") from None
                 if not block:
                     if carry:
                         yield Chunk(source, offset, line, carry, raw.tell())

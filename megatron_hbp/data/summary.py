@@ -105,7 +105,8 @@ def plot_histogram(info: SampleInfo, path: str | os.PathLike) -> None:
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="black", linewidth=0.5)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sample length (tokens, after templating)")
-    ax.set_ylabel("samples")
+    ax.set_yscale("log")  # the long documents are a thin tail next to thousands of short chats
+    ax.set_ylabel("samples (log scale)")
     ax.set_title(f"{L.size:,} samples, {int(L.sum()):,} tokens ({info.template} template)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
