@@ -1,0 +1,153 @@
+"""Checkpoints: one ``torch.save`` file per rank plus a JSON manifest.
+
+Layout: ``<dir>/step_<N>/rank_<RRRRR>.pt`` + ``<dir>/step_<N>/meta.json`` and
+``<dir>/latest`` (text: ``step_<N>``). ``N`` is the number of plan steps done, so a resume
+continues with plan step ``N``.
+
+Why not Megatron's distributed checkpointing: it needs ``sharded_state_dict`` support from
+every module in the local spec plus a storage backend; per-rank ``torch.save`` is exact,
+simple and enough for resuming with the same parallel layout (the layout is part of the
+manifest and checked). A rank file holds the model and optimizer state dicts, the LR
+scheduler, every RNG state (torch CPU/CUDA, Python, NumPy, Megatron's tracker) and the
+plan position. The non-distributed Megatron optimizer is supported (its ``state_dict``
+is complete per rank); the distributed optimizer is refused at start when saving.
+
+``--load`` refuses a checkpoint made from a different plan (plan hash), model config, or
+parallel layout, with a message naming what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint was made for another plan, model or parallel layout."""
+
+
+def plan_hash(plan) -> str:
+    """sha256 of the plan's content: its config and every array (steps, packs, sample indices)."""
+    from megatron_hbp.configio import to_dict
+
+    h = hashlib.sha256(json.dumps(to_dict(plan.config), sort_keys=True).encode())
+    for key in sorted(plan.arrays):
+        arr = np.ascontiguousarray(plan.arrays[key])
+        h.update(f"|{key}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _rng_states() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_states(states: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
+
+
+def save_checkpoint(
+    directory, steps_done: int, *, rank: int, model, optimizer, scheduler, meta: dict
+) -> Path:
+    """Write this rank's file (every rank calls it); rank 0 writes the manifest and ``latest``."""
+    directory = Path(directory)
+    out = directory / f"step_{steps_done}"
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        "steps_done": steps_done,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_states(),
+        "meta": meta,
+    }
+    tmp = out / f"rank_{rank:05d}.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out / f"rank_{rank:05d}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        (out / "meta.json").write_text(
+            json.dumps(dict(meta, steps_done=steps_done), indent=2, sort_keys=True)
+        )
+        (directory / "latest").write_text(f"step_{steps_done}\n")
+    return out
+
+
+def resolve_checkpoint(path) -> Path:
+    """A ``step_<N>`` folder, or a checkpoint dir with a ``latest`` file -> the step folder."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a step_<N> folder with meta.json, or a checkpoint dir with 'latest'"
+        )
+    return path
+
+
+def check_compatible(saved: dict, current: dict, path) -> None:
+    """Raise ``CheckpointMismatchError`` naming every key that differs."""
+    diffs = []
+    for key in ("plan_hash", "model", "tp", "pp", "world_size", "loss_normalization"):
+        if saved.get(key) != current.get(key):
+            what = {
+                "plan_hash": "plan",
+                "model": "model config",
+                "tp": "tensor parallel size",
+                "pp": "pipeline parallel size",
+                "world_size": "world size",
+                "loss_normalization": "loss normalization",
+            }[key]
+            detail = (
+                "" if key in ("plan_hash", "model") else f" ({saved.get(key)!r} vs now {current.get(key)!r})"
+            )
+            if key == "model":
+                keys = sorted(
+                    k
+                    for k in set(saved["model"]) | set(current["model"])
+                    if saved["model"].get(k) != current["model"].get(k)
+                )
+                detail = f" (differs in: {', '.join(keys)})"
+            diffs.append(what + detail)
+    if diffs:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was saved with a different {'; '.join(diffs)}; resume with the plan, model "
+            "and layout it was made with, or start without --load"
+        )
+
+
+def load_checkpoint(path, *, rank: int, model, optimizer, scheduler, current_meta: dict) -> int:
+    """Restore this rank's state; returns the number of plan steps already done."""
+    path = resolve_checkpoint(path)
+    saved_meta = json.loads((path / "meta.json").read_text())
+    check_compatible(saved_meta, current_meta, path)
+    f = path / f"rank_{rank:05d}.pt"
+    if not f.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no file for rank {rank} ({f.name})")
+    state = torch.load(f, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_states(state["rng"])
+    return int(state["steps_done"])

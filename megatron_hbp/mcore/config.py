@@ -1,0 +1,207 @@
+"""Training run configuration: one YAML file per run (``configs/*.yaml``), frozen dataclasses.
+
+Top-level keys map onto :class:`TrainConfig`; unknown keys are errors (``configio``).
+Relative paths are relative to the current working directory (run from the repo root).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from megatron_hbp.configio import ConfigError, from_dict, load_yaml
+from megatron_hbp.mcore.batch import LOSS_NORMALIZATIONS
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the samples and their pre-computed lengths live."""
+
+    sample_info: str
+    """Sample info file (``.npz`` from ``tools/preprocess_lengths.py``); built when missing and
+    ``build_if_missing`` is true."""
+    paths: list[str] = field(default_factory=list)
+    """JSONL files / folders / globs to build the sample info from (only used to build it)."""
+    demo: bool = False
+    """Use the embedded demo data (``megatron_hbp.data.demo.ensure_demo_data``) as ``paths``."""
+    tokenizer: str | None = None
+    """Tokenizer (``.model`` / ``tokenizer.json``) for building; None = the default (mistral v1)."""
+    template: str = "llama3"
+    """Chat template for building the sample info."""
+    max_length: int | None = None
+    """Longest sample kept when building (None: no limit)."""
+    build_if_missing: bool = False
+    """Build the sample info (and nothing else) when the file does not exist."""
+    num_workers: int = 2
+    """Background worker processes that read and tokenise samples (0: in the training process)."""
+    prefetch_factor: int = 4
+    """Micro-batches each worker prepares ahead."""
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanSource:
+    """The HBP plan: an existing plan file, or a plan config to build it from."""
+
+    path: str
+    """Plan file (``tools/plan.py --output``); built from ``config`` when missing."""
+    config: str | None = None
+    """Plan config YAML (``configs/plan_*.yaml``) used to build ``path`` when it is missing."""
+    world_size: int | None = None
+    """Override the plan config's world_size when building (None: keep it)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay, gradient clipping."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup steps (from 0 to lr)."""
+    decay_style: str = "cosine"
+    """'cosine', 'linear' or 'constant' after warmup (Megatron's OptimizerParamScheduler)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer states over the data x context ranks (Megatron's distributed optimizer)."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(
+                f"optimizer: need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})"
+            )
+        if self.decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optimizer.decay_style '{self.decay_style}': use cosine, linear or constant")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Checkpoint saving (per-rank ``torch.save`` files; see docs/training.md)."""
+
+    dir: str | None = None
+    """Folder for checkpoints (``step_<N>/``); None: never save."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    save_at_end: bool = True
+    """Save after the last step."""
+    load: str | None = None
+    """Checkpoint folder (``.../step_<N>`` or a ``dir`` with a ``latest`` file) to resume from."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Model-parallel sizes; the rest of the world is data x context parallel (from the plan)."""
+
+    tp: int = 1
+    """Tensor parallel size."""
+    pp: int = 1
+    """Pipeline parallel size."""
+
+    def __post_init__(self):
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"parallel: tp and pp must be >= 1 (tp={self.tp}, pp={self.pp})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run."""
+
+    model: str
+    """Model preset name (``tiny``, ``llama3_1_8b``, ...) or a YAML file with ModelConfig keys."""
+    data: DataConfig
+    """Samples and their sample info."""
+    plan: PlanSource
+    """The HBP plan (or the config to build it)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP sizes."""
+    loss_normalization: str = "step_token_mean"
+    """'step_token_mean' (stable loss, HBP), 'micro_batch_mean' or 'sample_mean' (paper Table 10)."""
+    max_steps: int | None = None
+    """Stop after this many plan steps (None: the whole plan)."""
+    seed: int = 1234
+    """Seed of the weight init and RNG."""
+    dtype: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    attention_backend: str = "auto"
+    """'auto', 'te', 'varlen' or 'sdpa' (see megatron_hbp.mcore.attention)."""
+    metrics_file: str | None = None
+    """JSONL file with one record per step (``--metrics-file`` overrides)."""
+    tensorboard_dir: str | None = None
+    """TensorBoard log folder (used when tensorboard is installed)."""
+    log_interval: int = 1
+    """Print a console line every N steps."""
+    memory_limit_gb: float | None = None
+    """Device memory for the pre-flight OOM check (None: the GPU's memory; no check on CPU)."""
+    check_loss_tokens: bool = True
+    """Check every step that Megatron's token count equals the plan's (stable-loss proof)."""
+
+    def __post_init__(self):
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ConfigError(
+                f"loss_normalization '{self.loss_normalization}' unknown; choose {', '.join(LOSS_NORMALIZATIONS)}"
+            )
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"dtype '{self.dtype}': use auto, bf16 or fp32")
+        if self.attention_backend not in ("auto", "te", "varlen", "sdpa"):
+            raise ConfigError(f"attention_backend '{self.attention_backend}': use auto, te, varlen or sdpa")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.log_interval < 1:
+            raise ConfigError(f"log_interval must be >= 1, got {self.log_interval}")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a run YAML and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' must look like key.sub=value")
+        key, value = ov.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{ov}': '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return from_dict(TrainConfig, data, where=str(path))
+
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "PlanSource",
+    "TrainConfig",
+    "load_train_config",
+    "load_yaml",
+    "replace",
+]

@@ -1,0 +1,43 @@
+"""The one place the trainer touches context parallelism (``megatron_hbp.cp``).
+
+Until ``megatron_hbp.cp`` exists the trainer runs CP = 1 only; a plan asking for CP > 1
+then fails at start with a clear message (``require_cp``), never mid-training.
+"""
+
+from __future__ import annotations
+
+
+def cp_available() -> bool:
+    try:
+        import megatron_hbp.cp as cp  # noqa: F401
+    except ImportError:
+        return False
+    return all(hasattr(cp, name) for name in ("build_cp_groups", "shard_for_cp", "cp_attention"))
+
+
+def require_cp(degrees) -> None:
+    """Raise if any degree > 1 is asked for but the CP package is missing."""
+    if any(int(c) > 1 for c in degrees) and not cp_available():
+        raise RuntimeError(
+            f"the plan uses context-parallel degrees {sorted(set(int(c) for c in degrees))} but "
+            "megatron_hbp.cp (build_cp_groups / shard_for_cp / cp_attention) is not available; "
+            "re-plan with cp: 1 in every group"
+        )
+
+
+def build_cp_groups(degrees, *, tp: int = 1, pp: int = 1):
+    from megatron_hbp.cp import build_cp_groups as _build
+
+    return _build(list(degrees), tp=tp, pp=pp)
+
+
+def shard_for_cp(tensor, cu_seqlens_padded, cp_size: int, cp_rank: int):
+    from megatron_hbp.cp import shard_for_cp as _shard
+
+    return _shard(tensor, cu_seqlens_padded, cp_size, cp_rank)
+
+
+def cp_attention(q, k, v, cu_seqlens_padded, cu_seqlens, cp_group, softmax_scale=None):
+    from megatron_hbp.cp import cp_attention as _attn
+
+    return _attn(q, k, v, cu_seqlens_padded, cu_seqlens, cp_group, softmax_scale=softmax_scale)

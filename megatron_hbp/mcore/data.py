@@ -1,0 +1,119 @@
+"""Plan-driven data: each rank gets exactly its replica's micro-batches of every step.
+
+The rank's place in the data x context dimension (``dp_rank``) and the step's CP degree
+``c`` give its replica ``dp_rank // c`` and CP rank ``dp_rank % c`` (replica r = ranks
+[r·c, (r+1)·c), the plan contract). Samples are read by index from ``SFTDataset`` (random
+access by stored byte offset) and turned into packed, CP-sharded micro-batches in
+background worker processes (``torch.utils.data.DataLoader`` with workers), so the
+training loop only moves ready tensors to the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_hbp.mcore.batch import PackedBatch, build_packed_batch
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One micro-batch of one rank: what a worker needs to build it (small, picklable)."""
+
+    step: int
+    micro_batch: int
+    sample_indices: np.ndarray
+    """int64 [n] dataset indices, all packs of the micro-batch concatenated."""
+    padded_lengths: np.ndarray
+    """int32 [n] padded length of each document."""
+    lengths: np.ndarray
+    """int32 [n] real lengths from the plan (checked against the tokenised samples)."""
+    cp: int
+    cp_rank: int
+
+
+def rank_work_items(plan, dp_rank: int, start_step: int = 0, end_step: int | None = None) -> list[WorkItem]:
+    """Every micro-batch of ``dp_rank`` for plan steps ``[start_step, end_step)``, in order."""
+    end_step = plan.num_steps if end_step is None else min(end_step, plan.num_steps)
+    items = []
+    for s in range(start_step, end_step):
+        step = plan.step(s)
+        cp = int(step.cp)
+        replica = step.replica(dp_rank // cp)
+        for m, mb in enumerate(replica.micro_batches):
+            packs = list(mb.packs)
+            if packs:
+                idx = np.concatenate([np.asarray(p.sample_indices, np.int64) for p in packs])
+                pad = np.concatenate([np.asarray(p.padded_lengths, np.int32) for p in packs])
+                lens = np.concatenate([np.asarray(p.lengths, np.int32) for p in packs])
+            else:
+                idx = np.zeros(0, np.int64)
+                pad = lens = np.zeros(0, np.int32)
+            items.append(WorkItem(s, m, idx, pad, lens, cp, dp_rank % cp))
+    return items
+
+
+class MicroBatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a rank's work items; ``ds[i] -> PackedBatch`` (CPU tensors)."""
+
+    def __init__(self, items: list[WorkItem], samples, *, pad_id: int, loss_normalization: str):
+        self.items = items
+        self.samples = samples
+        self.pad_id = pad_id
+        self.loss_normalization = loss_normalization
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> PackedBatch:
+        item = self.items[i]
+        docs = []
+        for idx, n in zip(item.sample_indices.tolist(), item.lengths.tolist()):
+            s = self.samples[idx]
+            ids = np.asarray(s.input_ids)
+            if ids.shape[0] != n:
+                raise ValueError(
+                    f"sample {idx}: tokenised length {ids.shape[0]} differs from the plan's {n}; the data "
+                    "changed after preprocessing: rebuild the sample info and the plan"
+                )
+            docs.append((ids, np.asarray(s.loss_mask)))
+        return build_packed_batch(
+            docs,
+            item.padded_lengths,
+            pad_id=self.pad_id,
+            loss_normalization=self.loss_normalization,
+            cp=item.cp,
+            cp_rank=item.cp_rank,
+            sample_indices=item.sample_indices.tolist(),
+        )
+
+
+def _identity(x):
+    return x
+
+
+def make_loader(
+    items: list[WorkItem],
+    samples,
+    *,
+    pad_id: int,
+    loss_normalization: str,
+    num_workers: int = 2,
+    prefetch_factor: int = 4,
+):
+    """Iterator of ``PackedBatch`` in work-item order, prepared by ``num_workers`` processes."""
+    ds = MicroBatchDataset(items, samples, pad_id=pad_id, loss_normalization=loss_normalization)
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        pin_memory=torch.cuda.is_available(),
+        **kwargs,
+    )

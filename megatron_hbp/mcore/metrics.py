@@ -1,0 +1,126 @@
+"""Per-step metrics: console line, JSONL file (``--metrics-file``), TensorBoard when installed.
+
+Each JSONL record (rank 0 writes): ``step`` (plan step index, 0-based), ``group``, ``cp``,
+``recompute_layers``, ``loss``, ``grad_norm``, ``lr``, ``tokens`` (real tokens of the step,
+all ranks), ``loss_tokens`` (plan count), ``micro_batches`` (per replica), ``step_time_s``,
+``tokens_per_s``, ``attn_pairs_per_rank`` (causal (q, k) pairs each data x context rank
+computed this step, ``megatron_hbp.kernels.attention_cost``), ``attn_imbalance``
+(max / mean of those), and on GPU ``peak_mem_gb`` and ``mfu``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Dense bf16 peak of one GPU, TFLOP/s (vendor datasheets, no sparsity).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0}
+
+
+def rank_attention_pairs(batches) -> int:
+    """Causal (query, key) pairs this rank computes for its micro-batches of one step."""
+    try:
+        from megatron_hbp.kernels import attention_cost
+    except ImportError:  # pragma: no cover - kernels package always present in this repo
+        attention_cost = None
+    total = 0
+    for b in batches:
+        if attention_cost is not None:
+            lengths = torch.tensor(b.lengths, dtype=torch.int64)
+            offsets = torch.tensor([0, len(b.lengths)], dtype=torch.int64)
+            total += int(attention_cost(lengths, offsets, b.cp, backend="torch")[0, b.cp_rank])
+        else:
+            total += sum(n * (n + 1) // 2 for n in b.lengths) // b.cp
+    return total
+
+
+def peak_tflops(device_name: str | None = None) -> float | None:
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def model_flops(model_cfg, tokens: int, attn_pairs: int) -> float:
+    """Training FLOPs (forward + backward, no recompute): 6·N·tokens + attention 12·pairs·(heads·d)·L."""
+    n_params = model_cfg.num_parameters() - model_cfg.vocab_size * model_cfg.hidden_size * (
+        1 if model_cfg.tie_embeddings else 2
+    )
+    dense = 6.0 * n_params * tokens
+    logits = 6.0 * model_cfg.vocab_size * model_cfg.hidden_size * tokens
+    attn = 12.0 * attn_pairs * model_cfg.num_attention_heads * model_cfg.head_dim * model_cfg.num_layers
+    return dense + logits + attn
+
+
+class MetricsLogger:
+    """Console + JSONL + TensorBoard sink; only the logging rank writes."""
+
+    def __init__(
+        self, path: str | None, *, enabled: bool, tensorboard_dir: str | None = None, resume: bool = False
+    ):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if not enabled:
+            return
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a" if resume else "w")
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(tensorboard_dir)
+            except Exception:  # tensorboard not installed: JSONL only
+                self.tb = None
+
+    def log(self, record: dict, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            parts = [
+                f"step {record['step']:>5d}",
+                f"group {record['group']}",
+                f"cp {record['cp']}",
+                f"loss {record['loss']:.4f}",
+                f"grad_norm {record['grad_norm']:.3f}",
+                f"lr {record['lr']:.3e}",
+                f"tokens {record['tokens']}",
+                f"loss_tokens {record['loss_tokens']}",
+                f"{record['step_time_s'] * 1000:.0f} ms",
+                f"{record['tokens_per_s']:.0f} tok/s",
+                f"attn_imb {record['attn_imbalance']:.2f}",
+            ]
+            if record.get("mfu") is not None:
+                parts.append(f"mfu {record['mfu'] * 100:.1f}%")
+            if record.get("peak_mem_gb") is not None:
+                parts.append(f"mem {record['peak_mem_gb']:.1f} GB")
+            print(" | ".join(parts), flush=True)
+        if self.file:
+            self.file.write(json.dumps(record, default=_json_default) + "\n")
+            self.file.flush()
+        if self.tb:
+            for key in ("loss", "grad_norm", "lr", "tokens_per_s", "attn_imbalance", "mfu", "peak_mem_gb"):
+                if record.get(key) is not None:
+                    self.tb.add_scalar(key, record[key], record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    raise TypeError(type(x))

@@ -1,0 +1,638 @@
+"""The HBP training loop on Megatron-Core (``examples/pretrain_llama_hbp.py`` calls :func:`main`).
+
+Per plan step: set the step's recompute, take this rank's micro-batches (the step's CP
+degree decides replica and CP rank), run Megatron's ``forward_backward_func`` with the
+stable loss, let Megatron DDP reduce gradients over all data x context ranks, clip, step
+AdamW and the warmup + cosine schedule, log, checkpoint.
+
+Launch: ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*), Slurm ``srun``
+(SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; export MASTER_ADDR / MASTER_PORT), or a
+single plain process. gloo + the CPU shim without CUDA, NCCL + bf16 with CUDA.
+
+Everything that can be checked before training is checked first (:func:`preflight`), with
+errors that say what to change: unknown preset, missing sample info or data file, a plan for
+another world size or another sample info, CP degrees that do not fit, an obvious OOM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_hbp.configio import ConfigError, to_dict
+from megatron_hbp.mcore.config import TrainConfig, load_train_config
+from megatron_hbp.model_config import ModelConfig, load_model_config
+
+
+class TrainSetupError(RuntimeError):
+    """A problem found before training starts; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, Slurm, or a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "MASTER_ADDR" not in env:
+            raise TrainSetupError(
+                "running under Slurm without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames "
+                '"$SLURM_JOB_NODELIST" | head -n1) and MASTER_PORT (e.g. 29500) before srun'
+            )
+        env.setdefault("MASTER_PORT", "29500")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return 0, 1, 0
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU; CPU shim when CUDA is absent)."""
+    rank, world, local_rank = dist_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        from megatron_hbp.mcore.shim import install_cpu_shim
+
+        install_cpu_shim()
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30)
+        )
+    return rank, world, device
+
+
+def _all_ok(ok: bool) -> bool:
+    t = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return int(t.item()) == 0
+
+
+# ----------------------------------------------------------------------------- pre-flight
+
+
+@dataclass
+class Prepared:
+    model_cfg: ModelConfig
+    sample_info: object
+    plan: object
+    dp_size: int
+
+
+def _build_sample_info(cfg: TrainConfig) -> None:
+    from megatron_hbp import data as hdata
+
+    paths = list(cfg.data.paths)
+    if cfg.data.demo:
+        from megatron_hbp.data.demo import ensure_demo_data
+
+        paths = [str(ensure_demo_data())]
+    if not paths:
+        raise TrainSetupError(
+            f"sample info {cfg.data.sample_info} is missing and data.paths is empty: run "
+            "tools/preprocess_lengths.py, or set data.paths (or data.demo: true) with build_if_missing: true"
+        )
+    tokenizer = cfg.data.tokenizer or str(hdata.default_tokenizer_path())
+    print(f"[hbp] building sample info {cfg.data.sample_info} from {paths}", flush=True)
+    hdata.build_sample_info(
+        paths, tokenizer=tokenizer, template=cfg.data.template, max_length=cfg.data.max_length,
+        output=cfg.data.sample_info,
+    )  # fmt: skip
+
+
+def _build_plan(cfg: TrainConfig, dp_size: int) -> None:
+    from dataclasses import replace
+
+    from megatron_hbp.data import load_sample_info
+    from megatron_hbp.planner import build_plan
+    from megatron_hbp.planner.config import load_plan_config
+
+    if not cfg.plan.config:
+        raise TrainSetupError(
+            f"plan {cfg.plan.path} is missing and plan.config is not set: run tools/plan.py first"
+        )
+    pcfg = load_plan_config(cfg.plan.config)
+    if cfg.plan.world_size is not None:
+        pcfg = replace(pcfg, world_size=cfg.plan.world_size)
+    info = load_sample_info(cfg.data.sample_info)
+    print(f"[hbp] building plan {cfg.plan.path} from {cfg.plan.config}", flush=True)
+    plan = build_plan(info.lengths, info.loss_tokens, pcfg, fingerprint=info.fingerprint)
+    target = Path(cfg.plan.path)
+    plan.save(target if target.suffix == ".npz" else target / "plan.npz")
+
+
+def estimate_memory_bytes(
+    model_cfg: ModelConfig,
+    tokens_per_rank: int,
+    *,
+    recompute_layers: int = 0,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    bf16: bool = True,
+    distributed_optimizer: bool = False,
+) -> int:
+    """Coarse peak-memory estimate of one rank (a floor: framework overheads excluded).
+
+    Weights (2 or 4 B/param), fp32 gradients (4), Adam states (8, + fp32 master 4 with bf16;
+    sharded over ``dp`` with the distributed optimizer), activations ~34·hidden bytes per
+    token and layer in bf16 (Korthikanti et al. with flash attention; x2 in fp32), 2·hidden
+    for a recomputed layer, and fp32 logits + their gradient for the vocabulary shard.
+    """
+    p = model_cfg.num_parameters() / (tp * pp)
+    weights = p * (2 if bf16 else 4)
+    grads = p * 4
+    opt = p * (12 if bf16 else 8) / (dp if distributed_optimizer else 1)
+    layers = model_cfg.num_layers // pp
+    r = min(recompute_layers, layers)
+    act_bytes = 34 if bf16 else 68
+    act = (
+        tokens_per_rank * model_cfg.hidden_size * (act_bytes * (layers - r) / tp + 2 * r * (2 if bf16 else 4))
+    )
+    logits = tokens_per_rank * model_cfg.vocab_size / tp * 8
+    return int(weights + grads + opt + act + logits)
+
+
+def _device_memory_limit(cfg: TrainConfig) -> float | None:
+    if cfg.memory_limit_gb is not None:
+        return cfg.memory_limit_gb * 1e9
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return None
+
+
+def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
+    """Every check that does not need the model; builds sample info / plan when configured."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    try:
+        model_cfg = load_model_config(cfg.model)
+    except ConfigError as e:
+        raise TrainSetupError(str(e)) from None
+    if world % (tp * pp):
+        raise TrainSetupError(
+            f"world size {world} is not divisible by tp*pp = {tp}*{pp}; launch a multiple of {tp * pp}"
+        )
+    dp_size = world // (tp * pp)
+    if model_cfg.num_attention_heads % tp or model_cfg.num_query_groups % tp:
+        raise TrainSetupError(
+            f"model '{model_cfg.name}': {model_cfg.num_attention_heads} heads / {model_cfg.num_query_groups} "
+            f"query groups are not divisible by tp={tp}; choose tp dividing {model_cfg.num_query_groups}"
+        )
+
+    # Build missing inputs on rank 0 only; the other ranks learn the outcome.
+    error = None
+    if rank == 0:
+        try:
+            if not Path(cfg.data.sample_info).exists():
+                if not cfg.data.build_if_missing:
+                    raise TrainSetupError(
+                        f"sample info file not found: {cfg.data.sample_info}; run tools/preprocess_lengths.py "
+                        "or set data.build_if_missing: true with data.paths"
+                    )
+                _build_sample_info(cfg)
+            if not Path(cfg.plan.path).exists():
+                _build_plan(cfg, dp_size)
+        except Exception as e:  # reported on every rank below
+            error = e
+    if not _all_ok(error is None):
+        if error is not None:
+            raise error
+        raise TrainSetupError("rank 0 failed to prepare the sample info / plan (see its error)")
+
+    from megatron_hbp import load_plan
+    from megatron_hbp.data import load_sample_info
+
+    info = load_sample_info(cfg.data.sample_info)
+    for f in info.files:
+        if not Path(f).exists():
+            raise TrainSetupError(
+                f"data file {f} listed in {cfg.data.sample_info} does not exist; restore it or rebuild the sample info"
+            )
+    plan = load_plan(cfg.plan.path)
+    if plan.world_size != dp_size:
+        raise TrainSetupError(
+            f"plan {cfg.plan.path} is for {plan.world_size} data x context ranks but this launch has {dp_size} "
+            f"({world} processes / (tp={tp} * pp={pp})); launch {plan.world_size * tp * pp} processes or re-plan "
+            f"with world_size: {dp_size}"
+        )
+    if plan.fingerprint is not None and plan.fingerprint != info.fingerprint:
+        raise TrainSetupError(
+            f"plan {cfg.plan.path} was built from another sample info (fingerprint {plan.fingerprint[:12]} vs "
+            f"{info.fingerprint[:12]} of {cfg.data.sample_info}); rebuild the plan"
+        )
+    degrees = sorted({int(g.cp) for g in plan.groups})
+    for c in degrees:
+        if dp_size % c:
+            raise TrainSetupError(
+                f"plan uses cp={c}, which does not divide the {dp_size} data x context ranks"
+            )
+    from megatron_hbp.mcore.cp_seam import require_cp
+
+    try:
+        require_cp(degrees)
+    except RuntimeError as e:
+        raise TrainSetupError(str(e)) from None
+
+    limit = _device_memory_limit(cfg)
+    if limit is not None:
+        bf16 = _use_bf16(cfg)
+        for g in plan.groups:
+            need = estimate_memory_bytes(
+                model_cfg, g.pack_length // g.cp, recompute_layers=g.recompute_layers, tp=tp, pp=pp, dp=dp_size,
+                bf16=bf16, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+            )  # fmt: skip
+            if need > limit:
+                raise TrainSetupError(
+                    f"out-of-memory risk: group pack_length={g.pack_length} cp={g.cp} recompute_layers="
+                    f"{g.recompute_layers} puts {g.pack_length // g.cp} tokens on a rank; model '{model_cfg.name}' "
+                    f"then needs at least {need / 1e9:.1f} GB but the device has {limit / 1e9:.1f} GB. Raise cp or "
+                    "recompute_layers for that group, lower its pack_length, or raise tp"
+                )
+    return Prepared(model_cfg, info, plan, dp_size)
+
+
+def _use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.dtype == "auto":
+        return torch.cuda.is_available()
+    return cfg.dtype == "bf16"
+
+
+def _check_first_samples(prep: Prepared, dataset, dp_rank: int, start: int) -> None:
+    """Read the first step's samples of this rank: a changed data file fails here, not mid-run."""
+    from megatron_hbp.mcore.data import rank_work_items
+
+    if start >= prep.plan.num_steps:
+        return
+    for item in rank_work_items(prep.plan, dp_rank, start, start + 1):
+        for idx, n in zip(item.sample_indices.tolist(), item.lengths.tolist()):
+            try:
+                got = len(dataset[idx].input_ids)
+            except Exception as e:
+                raise TrainSetupError(f"reading sample {idx}: {e}") from None
+            if got != n:
+                raise TrainSetupError(
+                    f"sample {idx}: tokenised length {got} differs from the plan's {n}; the data changed after "
+                    "preprocessing: rebuild the sample info and the plan"
+                )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run(cfg: TrainConfig) -> list[dict]:
+    """Train according to ``cfg``; returns the metric records (on the logging rank)."""
+    rank, world, device = init_distributed()
+    prep = preflight(cfg, world, rank)
+
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_hbp.data import SFTDataset
+    from megatron_hbp.mcore import checkpoint as ckpt
+    from megatron_hbp.mcore.batch import to_model_inputs
+    from megatron_hbp.mcore.data import make_loader, rank_work_items
+    from megatron_hbp.mcore.loss import forward_step, reduce_reports
+    from megatron_hbp.mcore.metrics import MetricsLogger, model_flops, peak_tflops, rank_attention_pairs
+    from megatron_hbp.mcore.model import build_model, set_recompute
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    plan = prep.plan
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tp, pp)
+    model_parallel_cuda_manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    degrees = sorted({int(g.cp) for g in plan.groups})
+    cp_groups = None
+    if any(c > 1 for c in degrees):
+        from megatron_hbp.mcore.cp_seam import build_cp_groups
+
+        cp_groups = build_cp_groups(degrees, tp=tp, pp=pp)
+
+    bf16 = _use_bf16(cfg)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = build_model(
+        prep.model_cfg,
+        tp=tp,
+        pp=pp,
+        dtype=dtype,
+        attention_backend=cfg.attention_backend,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    tconfig = model.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+    )
+    model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+    tconfig.no_sync_func = model.no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    oc = cfg.optimizer
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=oc.lr,
+            min_lr=oc.min_lr,
+            weight_decay=oc.weight_decay,
+            adam_beta1=oc.adam_beta1,
+            adam_beta2=oc.adam_beta2,
+            adam_eps=oc.adam_eps,
+            clip_grad=oc.clip_grad,
+            bf16=bf16,
+            params_dtype=dtype,
+            use_distributed_optimizer=oc.use_distributed_optimizer,
+        ),
+        [model],
+    )
+    # The schedule always spans the whole plan, so stopping early (max_steps) and resuming
+    # follow exactly the same learning rates as one uninterrupted run.
+    total_steps = plan.num_steps
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=oc.lr,
+        min_lr=oc.min_lr,
+        lr_warmup_steps=oc.warmup_steps,
+        lr_decay_steps=max(total_steps, oc.warmup_steps + 1),
+        lr_decay_style=oc.decay_style,
+        start_wd=oc.weight_decay,
+        end_wd=oc.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+
+    meta = {
+        "plan_hash": ckpt.plan_hash(plan),
+        "model": to_dict(prep.model_cfg),
+        "tp": tp,
+        "pp": pp,
+        "world_size": world,
+        "loss_normalization": cfg.loss_normalization,
+        "plan_path": str(cfg.plan.path),
+    }
+    if cfg.checkpoint.dir and oc.use_distributed_optimizer:
+        raise TrainSetupError("checkpointing with the distributed optimizer is not supported yet; set "
+                              "optimizer.use_distributed_optimizer: false or checkpoint.dir: null")  # fmt: skip
+    start = 0
+    if cfg.checkpoint.load:
+        try:
+            start = ckpt.load_checkpoint(
+                cfg.checkpoint.load,
+                rank=rank,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                current_meta=meta,
+            )
+        except (ckpt.CheckpointMismatchError, FileNotFoundError) as e:
+            raise TrainSetupError(str(e)) from None
+        if rank == 0:
+            print(f"[hbp] resumed from {cfg.checkpoint.load}: next plan step {start}", flush=True)
+    end = plan.num_steps if cfg.max_steps is None else min(plan.num_steps, cfg.max_steps)
+
+    dataset = SFTDataset(
+        prep.sample_info if not isinstance(cfg.data.sample_info, str) else cfg.data.sample_info
+    )
+    pad_id = getattr(getattr(dataset, "tokenizer", None), "pad_id", 0) or 0
+    _check_first_samples(prep, dataset, dp_rank, start)
+    items = rank_work_items(plan, dp_rank, start, end)
+    loader = make_loader(
+        items,
+        dataset,
+        pad_id=pad_id,
+        loss_normalization=cfg.loss_normalization,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+    )
+    batches_it = iter(loader)
+
+    is_logger = rank == world - 1 if pp > 1 else rank == 0
+    logger = MetricsLogger(
+        cfg.metrics_file, enabled=is_logger, tensorboard_dir=cfg.tensorboard_dir, resume=start > 0
+    )
+    fwd_bwd = get_forward_backward_func()
+    peak = peak_tflops()
+    records = []
+    if rank == 0:
+        print(
+            f"[hbp] training {prep.model_cfg.name} ({prep.model_cfg.num_parameters() / 1e6:.1f}M params) on {world} "
+            f"ranks (tp={tp}, pp={pp}, dp x cp={prep.dp_size}), {'bf16' if bf16 else 'fp32'}, plan steps "
+            f"{start}..{end - 1} of {plan.num_steps}, CP degrees {degrees}",
+            flush=True,
+        )
+    model.train()
+    for s in range(start, end):
+        step = plan.step(s)
+        set_recompute(model, int(step.recompute_layers))
+        cp = int(step.cp)
+        cp_group = cp_groups.cp_group(cp) if cp > 1 else None
+        n_mb = int(step.micro_batches_per_replica)
+        host_batches = [next(batches_it) for _ in range(n_mb)]
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        inputs = iter([to_model_inputs(b, device, cp_group) for b in host_batches])
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = fwd_bwd(
+            forward_step_func=forward_step,
+            data_iterator=inputs,
+            model=[model],
+            num_microbatches=n_mb,
+            seq_length=max(int(b.tokens.numel()) for b in host_batches),
+            micro_batch_size=1,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        loss, denom = reduce_reports(reports, device, tp)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+
+        local_loss_tokens = sum(b.local_loss_tokens for b in host_batches)
+        pairs = rank_attention_pairs(host_batches)
+        stats = torch.tensor([local_loss_tokens, pairs], dtype=torch.float64, device=device)
+        gathered = [torch.zeros_like(stats) for _ in range(world)]
+        torch.distributed.all_gather(gathered, stats)
+        loss_tokens_total = int(sum(x[0] for x in gathered_unique(gathered, tp, pp)))
+        if cfg.check_loss_tokens and loss_tokens_total != int(step.loss_tokens):
+            raise RuntimeError(
+                f"plan step {s}: the micro-batches hold {loss_tokens_total} loss tokens but the plan says "
+                f"{int(step.loss_tokens)}; the plan or sample info does not match the data (rebuild both)"
+            )
+        if (
+            cfg.loss_normalization == "step_token_mean"
+            and cfg.check_loss_tokens
+            and int(round(denom)) != int(step.loss_tokens)
+        ):
+            raise RuntimeError(
+                f"plan step {s}: Megatron's all-reduced token count {denom} differs from the plan's "
+                f"{int(step.loss_tokens)}"
+            )
+        pairs_per_rank = [int(x[1]) for x in gathered_unique(gathered, tp, pp)]
+        mean_pairs = float(np.mean(pairs_per_rank)) if pairs_per_rank else 0.0
+        tokens = int(step.num_tokens)
+        rec = {
+            "step": s,
+            "group": int(step.group),
+            "cp": cp,
+            "recompute_layers": int(step.recompute_layers),
+            "loss": loss,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "tokens": tokens,
+            "loss_tokens": int(step.loss_tokens),
+            "micro_batches": n_mb,
+            "step_time_s": dt,
+            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+            "attn_pairs_per_rank": pairs_per_rank,
+            "attn_imbalance": (max(pairs_per_rank) / mean_pairs) if mean_pairs > 0 else 1.0,
+            "update_ok": bool(ok),
+        }
+        if torch.cuda.is_available():
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            if peak:
+                flops = model_flops(prep.model_cfg, tokens, sum(pairs_per_rank))
+                rec["mfu"] = flops / (dt * peak * 1e12 * world)
+        records.append(rec)
+        logger.log(rec, console=(s - start) % cfg.log_interval == 0 or s == end - 1)
+
+        done = s + 1
+        save_now = cfg.checkpoint.dir and (
+            (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0)
+            or (cfg.checkpoint.save_at_end and done == end)
+        )
+        if save_now:
+            path = ckpt.save_checkpoint(
+                cfg.checkpoint.dir,
+                done,
+                rank=rank,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                meta=meta,
+            )
+            if rank == 0:
+                print(f"[hbp] saved checkpoint {path}", flush=True)
+    logger.close()
+    return records
+
+
+def gathered_unique(gathered: list[torch.Tensor], tp: int, pp: int) -> list[list[float]]:
+    """One entry per data x context rank from a world all-gather (TP/PP copies dropped).
+
+    Megatron's default order puts TP innermost, then DP, then PP: the ranks with tp_rank 0
+    of the first pipeline stage are ``0, tp, 2·tp, ...`` up to ``dp·tp``.
+    """
+    world = len(gathered)
+    dp = world // (tp * pp)
+    return [gathered[i * tp].tolist() for i in range(dp)]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a LLaMA-shaped model with Megatron-Core from an HBP plan "
+        "(launch with torchrun or srun; one process = one GPU, or one CPU rank with gloo).",
+    )
+    p.add_argument(
+        "--config", required=True, help="run YAML (configs/demo_tiny.yaml, configs/llama3_1_8b_128k_hbp.yaml)"
+    )
+    p.add_argument(
+        "--load", default=None, help="checkpoint to resume from (a step_<N> folder or a checkpoint dir)"
+    )
+    p.add_argument("--metrics-file", default=None, help="JSONL file with one record per step")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many plan steps")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optimizer.lr=3e-4 --set checkpoint.dir=runs/x (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="run the pre-flight checks, print the resolved config, stop"
+    )
+    return p.parse_args(argv)
+
+
+def config_from_args(args) -> TrainConfig:
+    overrides = list(args.overrides)
+    if args.load:
+        overrides.append(f"checkpoint.load={args.load}")
+    if args.metrics_file:
+        overrides.append(f"metrics_file={args.metrics_file}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    return load_train_config(args.config, overrides)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.dry_run:
+            rank, world, _ = init_distributed()
+            prep = preflight(cfg, world, rank)
+            if rank == 0:
+                print(json.dumps(to_dict(cfg), indent=2))
+                print(f"[hbp] pre-flight ok: plan of {prep.plan.num_steps} steps for {prep.dp_size} ranks")
+            return 0
+        run(cfg)
+    except (TrainSetupError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return 2
+    _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+        except Exception:
+            pass
+        torch.distributed.destroy_process_group()
