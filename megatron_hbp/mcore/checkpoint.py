@@ -50,7 +50,7 @@ def _rng_states() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - the legacy global state is what we restore
         "tracker": get_cuda_rng_tracker().get_states(),
     }
 
@@ -62,7 +62,7 @@ def _set_rng_states(states: dict) -> None:
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(states["numpy"])  # noqa: NPY002
     get_cuda_rng_tracker().set_states(states["tracker"])
 
 

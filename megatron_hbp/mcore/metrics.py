@@ -72,7 +72,7 @@ class MetricsLogger:
             return
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a" if resume else "w")
+            self.file = open(path, "a" if resume else "w")  # noqa: SIM115 - closed by close()
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -17,6 +17,7 @@ another world size or another sample info, CP degrees that do not fit, an obviou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -304,8 +305,12 @@ def _check_first_samples(prep: Prepared, dataset, dp_rank: int, start: int) -> N
 # ----------------------------------------------------------------------------- training
 
 
-def run(cfg: TrainConfig) -> list[dict]:
-    """Train according to ``cfg``; returns the metric records (on the logging rank)."""
+def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
+    """Train according to ``cfg``; returns the metric records (on the logging rank).
+
+    ``on_grads(step_index, model)``, if given, is called after the gradients of a step are
+    reduced and normalised (``param.main_grad``) and before the optimizer uses them (tests).
+    """
     rank, world, device = init_distributed()
     prep = preflight(cfg, world, rank)
 
@@ -330,11 +335,16 @@ def run(cfg: TrainConfig) -> list[dict]:
 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     plan = prep.plan
+    if parallel_state.model_parallel_is_initialized() and (
+        parallel_state.get_tensor_model_parallel_world_size() != tp
+        or parallel_state.get_pipeline_model_parallel_world_size() != pp
+    ):
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tp, pp)
     model_parallel_cuda_manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # noqa: NPY002 - seeds third-party code using the global RNG
     dp_rank = parallel_state.get_data_parallel_rank()
     degrees = sorted({int(g.cp) for g in plan.groups})
     cp_groups = None
@@ -480,6 +490,8 @@ def run(cfg: TrainConfig) -> list[dict]:
             micro_batch_size=1,
             forward_only=False,
         )
+        if on_grads is not None:
+            on_grads(s, model)
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         loss, denom = reduce_reports(reports, device, tp)
@@ -631,8 +643,6 @@ def main(argv=None) -> int:
 
 def _shutdown() -> None:
     if torch.distributed.is_initialized():
-        try:
+        with contextlib.suppress(Exception):
             torch.distributed.barrier()
-        except Exception:
-            pass
         torch.distributed.destroy_process_group()

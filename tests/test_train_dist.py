@@ -1,0 +1,202 @@
+"""Training on gloo: stable-loss equality, exact resume, TP = 2, bad inputs (issue 5 acceptance).
+
+One module fixture prepares a small chat dataset, its sample info and plans, then launches
+``tests/test_train_worker.py`` twice (1 plain process; 2 processes under torchrun running
+several scenarios) and the tests read the JSON / tensors they leave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "test_train_worker.py"
+pytestmark = pytest.mark.slow
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "packing", "long", "sequences", "into", "balanced", "batches"]
+
+
+def write_chat_jsonl(path: Path, n: int, seed: int = 0, extra_words: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 120) + extra_words))
+            f.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                )
+            )
+            f.write("\n")
+
+
+def one_rank_copy(plan, path: Path) -> None:
+    """The same steps and packs as a 2-rank plan, for 1 rank: each step runs all packs."""
+    from megatron_hbp.planner import Plan
+
+    arrays = dict(plan.arrays)
+    arrays["step_micro_batches"] = arrays["step_micro_batches"] * plan.world_size
+    cfg = replace(
+        plan.config, world_size=1, micro_batches_per_step=plan.config.micro_batches_per_step * plan.world_size
+    )
+    Plan(
+        config=cfg, arrays=arrays, num_samples=plan.num_samples, fingerprint=plan.fingerprint,
+        lengths_sha256=plan.lengths_sha256,
+    ).save(path)  # fmt: skip
+
+
+def _launch(args: list[str], timeout: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    from megatron_hbp.data import load_sample_info, preprocess
+    from megatron_hbp.planner import GroupConfig, PlanConfig, build_plan
+
+    w = tmp_path_factory.mktemp("train")
+    write_chat_jsonl(w / "data.jsonl", 48)
+    preprocess(w / "data.jsonl", w / "info.npz", template="llama3", progress=False)
+    info = load_sample_info(w / "info.npz")
+    cfg = PlanConfig(groups=[GroupConfig(pack_length=256)], world_size=2, micro_batches_per_step=2, seed=0)
+    plan = build_plan(info.lengths, info.loss_tokens, cfg, fingerprint=info.fingerprint)
+    plan.save(w / "plan_w2.npz")
+    one_rank_copy(plan, w / "plan_w1.npz")
+    rcfg = replace(cfg, micro_batches_per_step=1)
+    rplan = build_plan(info.lengths, info.loss_tokens, rcfg, fingerprint=info.fingerprint)
+    assert rplan.num_steps >= 10, rplan.num_steps
+    rplan.save(w / "plan_resume.npz")
+
+    # bad inputs: a sample info whose data file is gone; a data file edited after preprocessing
+    (w / "bad_missing").mkdir()
+    write_chat_jsonl(w / "bad_missing" / "data.jsonl", 48)
+    preprocess(
+        w / "bad_missing" / "data.jsonl", w / "bad_missing" / "info.npz", template="llama3", progress=False
+    )
+    (w / "bad_missing" / "data.jsonl").unlink()
+    (w / "bad_changed").mkdir()
+    write_chat_jsonl(w / "bad_changed" / "data.jsonl", 48)
+    preprocess(
+        w / "bad_changed" / "data.jsonl", w / "bad_changed" / "info.npz", template="llama3", progress=False
+    )
+    binfo = load_sample_info(w / "bad_changed" / "info.npz")
+    build_plan(binfo.lengths, binfo.loss_tokens, cfg, fingerprint=binfo.fingerprint).save(
+        w / "bad_changed" / "plan.npz"
+    )
+    write_chat_jsonl(w / "bad_changed" / "data.jsonl", 48, extra_words=7)  # same lines, longer answers
+
+    _launch([sys.executable, str(WORKER), str(w), "single"], timeout=600)
+    _launch(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), str(w),
+         "stable2", "resume", "tp2", "bad"],
+        timeout=900,
+    )  # fmt: skip
+    return w
+
+
+def _result(work: Path, name: str) -> dict:
+    r = json.loads((work / f"result_{name}.json").read_text())
+    assert "error" not in r, r.get("traceback", r["error"])
+    return r
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def test_stable_loss_is_global_token_mean(work):
+    single = _result(work, "single")
+    # independent computation: plain logits + F.cross_entropy / the plan's loss tokens
+    assert _rel(single["losses"][0], single["manual"]["step_token_mean"]) <= 1e-5
+    assert single["records"][0]["loss_tokens"] > 0
+
+
+def test_loss_normalization_options(work):
+    single = _result(work, "single")
+    for mode in ("sample_mean", "micro_batch_mean"):
+        assert _rel(single["other_modes"][mode], single["manual"][mode]) <= 1e-5, mode
+    # the three normalisations genuinely differ on this data
+    vals = [single["manual"][m] for m in ("step_token_mean", "sample_mean", "micro_batch_mean")]
+    assert len({round(v, 6) for v in vals}) == 3
+
+
+def test_same_loss_and_grads_1x4_vs_2x2(work):
+    import torch
+
+    single, two = _result(work, "single"), _result(work, "stable2")
+    for a, b in zip(two["losses"], single["losses"]):
+        assert _rel(a, b) <= 1e-5
+    g1 = torch.load(work / "grads_single.pt")
+    g2 = torch.load(work / "grads_stable2.pt")
+    for step in (0, 1):
+        assert g1[step].keys() == g2[step].keys()
+        for name in g1[step]:
+            a, b = g2[step][name], g1[step][name]
+            scale = b.abs().max().item()
+            assert scale > 0, name
+            assert (a - b).abs().max().item() / scale <= 1e-5, (step, name)
+
+
+def test_resume_is_bitwise_exact(work):
+    r = _result(work, "resume")
+    assert len(r["straight"]) == 10 and len(r["first"]) == 5
+    assert r["second_steps"] == [5, 6, 7, 8, 9]
+    assert r["first"] == r["straight"][:5]
+    assert r["second"] == r["straight"][5:]  # bitwise: exact float equality
+    assert r["grad_norms_second"] == r["grad_norms_straight"][5:]
+    assert (work / "ckpt_resume" / "step_5" / "rank_00000.pt").is_file()
+    assert (work / "ckpt_resume" / "step_10" / "meta.json").is_file()
+    lines = (work / "m.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [5, 6, 7, 8, 9]
+
+
+def test_tensor_parallel_2_matches_single(work):
+    single, tp2 = _result(work, "single"), _result(work, "tp2")
+    for a, b in zip(tp2["losses"], single["losses"]):
+        assert _rel(a, b) <= 1e-5
+    for a, b in zip(tp2["grad_norms"], [r["grad_norm"] for r in single["records"]]):
+        assert _rel(a, b) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("world_size", "data x context ranks but this launch has 2"),
+        ("missing_file", "does not exist"),
+        ("changed_data", "changed"),
+        ("unknown_preset", "unknown model preset 'no_such_model'"),
+        ("oom", "out-of-memory risk"),
+        ("no_sample_info", "sample info file not found"),
+    ],
+)
+def test_bad_input_fails_before_training(work, case, needle):
+    r = _result(work, "bad")[case]
+    assert r["raised"], case
+    assert r["type"] == "TrainSetupError", r
+    assert needle in r["message"], r["message"]
+
+
+def test_plan_copy_is_same_packs(work):
+    """Guard of the fixture itself: the 1-rank plan holds exactly the 2-rank plan's packs."""
+    from megatron_hbp import load_plan
+
+    p1, p2 = load_plan(work / "plan_w1.npz"), load_plan(work / "plan_w2.npz")
+    assert p1.num_steps == p2.num_steps
+    s1, s2 = p1.step(0), p2.step(0)
+    a = [tuple(p.sample_indices) for mb in s1.replicas[0].micro_batches for p in mb.packs]
+    b = [tuple(p.sample_indices) for r in s2.replicas for mb in r.micro_batches for p in mb.packs]
+    assert a == b and len(a) == 4
+    assert s1.loss_tokens == s2.loss_tokens
