@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Benchmark sample-info preprocessing against the raw tokenizer on the same texts.
+
+Generates ``--num`` (default 100,000) chat conversations (OpenAI and ShareGPT lines, words drawn
+with a fixed seed from the Python standard library's docstrings), then measures in one run:
+
+- raw tokenizer ``encode`` of every message text (one call per text, and batched lists), no
+  JSON, no template;
+- ``megatron_hbp.data.preprocess`` (what tools/preprocess_lengths.py runs) with 1 and 2 workers.
+
+Prints a table (wall time, conversations/s, CPU seconds) and the two ratios the project
+targets: tool(1 worker) / raw encode >= 0.60 and tool(2 workers) / tool(1 worker) >= 1.6.
+It reports, never asserts. The machine load (os.getloadavg) is printed before and after:
+on a shared machine the 2-worker number depends on free cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from megatron_hbp.data import load_tokenizer, preprocess
+from megatron_hbp.data.demo import stdlib_dir
+
+
+def word_pool(limit: int = 20000) -> list[str]:
+    """Real words from a few standard-library modules' text, sorted for determinism."""
+    words: set[str] = set()
+    for name in (
+        "argparse.py",
+        "inspect.py",
+        "typing.py",
+        "subprocess.py",
+        "pathlib.py",
+        "logging/__init__.py",
+    ):
+        p = stdlib_dir() / name
+        if p.is_file():
+            words.update(re.findall(r"[A-Za-z][a-z]{1,14}", p.read_text(encoding="utf-8", errors="replace")))
+    return sorted(words)[:limit]
+
+
+def generate(path: Path, num: int, seed: int = 0) -> list[str]:
+    """Write ``num`` conversations (1-2 exchanges; user 4-29 words, assistant 4-59 words) to
+    ``path``; return every message text in order (for the raw baseline)."""
+    rng = np.random.default_rng(seed)
+    words = word_pool()
+    exchanges = rng.integers(1, 3, num)
+    n_msgs = int(2 * exchanges.sum())
+    roles = np.tile([0, 1], n_msgs // 2)
+    counts = np.where(roles == 0, rng.integers(4, 30, n_msgs), rng.integers(4, 60, n_msgs))
+    idx = rng.integers(0, len(words), int(counts.sum())).tolist()
+    ends = np.cumsum(counts).tolist()
+    texts, start = [], 0
+    for end in ends:
+        texts.append(" ".join([words[j] for j in idx[start:end]]))
+        start = end
+    lines, m = [], 0
+    for i in range(num):
+        k = 2 * int(exchanges[i])
+        msgs = texts[m : m + k]
+        m += k
+        if i % 3 == 0:
+            obj = {
+                "conversations": [{"from": ("human", "gpt")[t % 2], "value": c} for t, c in enumerate(msgs)]
+            }
+        else:
+            obj = {
+                "messages": [{"role": ("user", "assistant")[t % 2], "content": c} for t, c in enumerate(msgs)]
+            }
+        lines.append(json.dumps(obj))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return texts
+
+
+def cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn):
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num", type=int, default=100_000, help="conversations to generate")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer file (default: mistral-common tokenizer.model.v1)"
+    )
+    p.add_argument("--template", default="plain")
+    p.add_argument("--workdir", default=None, help="folder for the generated data (default: a temporary one)")
+    args = p.parse_args(argv)
+
+    tok = load_tokenizer(args.tokenizer)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        data = Path(tmp) / "bench.jsonl"
+        t0 = time.perf_counter()
+        texts = generate(data, args.num)
+        print(
+            f"generated {args.num:,} conversations ({len(texts):,} messages, {data.stat().st_size / 1e6:.1f} MB) "
+            f"in {time.perf_counter() - t0:.1f}s; tokenizer {tok.name}; template {args.template}; "
+            f"{os.cpu_count()} CPUs; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
+        rows = []
+        ids, wall, cpu = timed(lambda: [tok.encode(t) for t in texts])
+        raw_tokens = sum(map(len, ids))
+        del ids
+        rows.append(("raw encode, one call per text", wall, cpu, raw_tokens))
+        _, wall, cpu = timed(
+            lambda: [tok.encode_batch(texts[i : i + 4096]) for i in range(0, len(texts), 4096)]
+        )
+        rows.append(("raw encode_batch (4096 texts/call)", wall, cpu, raw_tokens))
+        for workers in (1, 2):
+            res, wall, cpu = timed(
+                lambda w=workers: preprocess(
+                    data,
+                    Path(tmp) / f"si{w}.npz",
+                    tokenizer=tok,
+                    template=args.template,
+                    workers=w,
+                    force=True,
+                    progress=False,
+                )
+            )
+            assert len(res.info) == args.num
+            rows.append((f"preprocess_lengths, {workers} worker(s)", wall, cpu, int(res.info.lengths.sum())))
+
+    print(f"\n| {'measurement':<36} | {'wall s':>7} | {'CPU s':>7} | {'conv/s':>9} | {'tokens/s':>10} |")
+    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 12}|")
+    for name, wall, cpu, tokens in rows:
+        print(f"| {name:<36} | {wall:7.2f} | {cpu:7.2f} | {args.num / wall:9,.0f} | {tokens / wall:10,.0f} |")
+    raw = min(rows[0][1], rows[1][1])
+    one, two = rows[2][1], rows[3][1]
+    print(
+        f"\ntool(1 worker) / raw encode (faster of the two) = {raw / one:.2f}   (target >= 0.60)\n"
+        f"tool(2 workers) / tool(1 worker)                = {one / two:.2f}   (target >= 1.60)\n"
+        "(tokens/s of preprocess counts template tokens too; conv/s compares like with like)\n"
+        f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
