@@ -1,0 +1,467 @@
+"""Analytic time and memory model of one training step of a LLaMA-shaped model (NumPy only).
+
+Notation (per model preset, ``megatron_hbp.model_config``): L layers, hidden h, SwiGLU width f,
+a query heads, g K/V heads, head dim d, q = a d, kv = g d, vocabulary V; tensor parallel t,
+context parallel c, data-parallel x context-parallel ranks n = GPUs / t. A micro-batch is one
+pack of documents; T_p = sum of its (CP-padded) document lengths, T = T_p / c tokens per CP rank.
+P_r = causal (query, key) pairs whose query is on CP rank r (``attention.zigzag_attention_pairs``).
+k = layers with full activation recomputation (Megatron ``recompute_granularity=full``).
+
+FLOPs (one multiply-add = 2 FLOPs; the "6N" accounting of Kaplan et al. 2020 / Narayanan et
+al. 2021 "Efficient Large-Scale Language Model Training on GPU Clusters", eq. 3, with the
+attention score term written out per document instead of s^2 per sequence):
+
+    dense forward per token and layer   F_d = 2 (h (q + 2 kv) + q h + 3 h f) / t
+    output layer forward per token      F_v = 2 h V / t
+    attention forward per pair, layer   F_a = 4 a d / t           (QK^T and PV: 2 d each, per head)
+    backward = 2 x forward for GEMMs; 2.5 x forward for attention (FlashAttention-2 backward
+    recomputes QK^T: 5 GEMMs vs 2, Dao 2023 section 3.2); recomputing k layers adds one forward.
+
+    dense FLOPs of rank r = T ((3 L + k) F_d + 3 F_v)
+    attention FLOPs of rank r = P_r ((1 + 2.5) L + k) F_a
+
+Time of one micro-batch on CP rank r (roofline on the GEMMs: a small micro-batch is bound by
+streaming the weights, which is what makes one-sample micro-batches expensive):
+
+    t_dense = max(dense FLOPs / (peak * dense_mfu),  W_bytes / (HBM * hbm_efficiency))
+    W_bytes = N_local (12 + 2 k / L)   bf16 weight read in forward and in data-gradient GEMMs
+              (2 + 2), fp32 main-gradient read-modify-write (8), re-read for recomputed layers
+    t_attn_r = attention FLOPs_r / (peak * attention_mfu)
+    micro-batch time = max_r (t_dense + t_attn_r) + exposed CP comm + microbatch_overhead_s
+
+The max over ranks is there because ranks of a CP group synchronise every layer.
+
+CP communication (ring/all-gather of K/V, Transformer Engine ``cp_comm_type`` p2p or
+all_gather: both move the same bytes): per layer and direction each rank receives the K/V
+of the other c-1 ranks,  B = (c-1)/c * T_p * 2 kv * 2 bytes / t.  Forward moves B, backward
+2B (K/V again and dK/dV), a recomputed layer B more. Bandwidth: NVLink when the CP group fits
+in a node (c t <= GPUs per node), else the inter-node network, times its efficiency. With
+overlap (TE pipelines ring steps with attention blocks) only max(0, comm - attention
+compute) of each layer phase is exposed; without overlap all of it is.
+
+Data-parallel gradient reduction, once per step, over the n = GPUs / t ranks that hold the
+same weights (DP x CP): distributed optimizer = reduce-scatter of g-byte gradients plus
+all-gather of bf16 parameters, (n-1)/n N_local (g + 2) bytes per GPU; plain DDP = ring
+all-reduce, 2 (n-1)/n N_local g bytes. g = 4 (Megatron sets
+``accumulate_allreduce_grads_in_fp32`` with bf16). With overlap (Megatron
+``overlap_grad_reduce``/``overlap_param_gather``) one micro-batch of compute hides it.
+Optimizer (Adam) step: 32 bytes of HBM traffic per local shard parameter.
+
+Step time = max over replicas (sum of its micro-batches) + exposed DP reduction + optimizer.
+
+Memory per GPU (bytes; Korthikanti et al. 2022 "Reducing Activation Recomputation in Large
+Transformer Models", section 4, re-derived for a LLaMA layer with FlashAttention, i.e. the
+attention scores are never stored, no dropout, t-way TP without sequence parallelism):
+
+    static       = N_local (2 + g)  +  12 N_local / s      bf16 weights, main grads,
+                   fp32 master + Adam m, v sharded over s = n ranks (distributed optimizer) or 1
+    full layer   = T [2 (4 h + (2 q + 2 kv + 3 f) / t) + 4 a / t]   per token: inputs of both
+                   RMSNorms and of QKV and FC1 (4 h), q, k, v and attention output (2 q + 2 kv),
+                   FC1 output of both SwiGLU branches and FC2 input (3 f), fp32 softmax LSE (4 a)
+    checkpointed = T * 2 h   (the layer input)
+    activations  = (L - k) full + k checkpointed + [k > 0] full   (backward of a recomputed layer
+                   re-materialises one layer) + 3 T 2 h (final norm, output-layer input)
+    loss         = unfused: 14 T V / t  (bf16 logits, fp32 copy, fp32 softmax and gradient;
+                   measured 13.7-14.8 GB for 8192 x 128256 on a GPU, ENVIRONMENT.md)
+                   fused (chunked linear + CE): 4 T h + 6 chunk V / t
+    CP buffers   = 2 T_p 2 kv 2 / t  (gathered K/V and their gradients) when c > 1
+    total        = static + activations + loss + CP buffers + memory_reserve_gib
+
+The fewest recomputed layers that fit (GreedyProfileCkpt, computed): memory is linear in k
+after the first recomputed layer, so k* = ceil((M(0) + full - budget) / (full - checkpointed)),
+0 when M(0) fits, None when k = L does not fit (``min_recompute_layers``).
+
+Every efficiency factor is a plain number in ``Efficiency`` (defaults are estimates, not
+measurements) and can be fitted to measured iterations (``megatron_hbp.costmodel.profiler``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from megatron_hbp.configio import ConfigError
+from megatron_hbp.costmodel.hardware import HardwareProfile, load_hardware
+from megatron_hbp.model_config import ModelConfig, load_model_config
+
+GIB = 2**30
+UNFUSED_LOSS_BYTES_PER_LOGIT = 14.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Efficiency:
+    """Achieved fraction of each peak; defaults are literature-level estimates, fit them with
+    ``calibrate`` on measured iterations."""
+
+    dense_mfu: float = 0.60
+    """GEMM throughput / peak BF16 (Megatron reports 0.5-0.6 MFU for 8B-70B LLaMA on H100)."""
+    attention_mfu: float = 0.40
+    """FlashAttention/cuDNN fwd+bwd throughput / peak (FA2 on H100: ~0.35-0.45; FA3: higher)."""
+    hbm_efficiency: float = 0.80
+    """Achieved / peak HBM bandwidth for weight streaming."""
+    nvlink_efficiency: float = 0.75
+    """Achieved / peak NVLink bandwidth for CP and DP collectives."""
+    network_efficiency: float = 0.75
+    """Achieved / peak inter-node bandwidth (NCCL bus bandwidth over IB)."""
+    microbatch_overhead_s: float = 0.002
+    """Fixed cost per micro-batch (kernel launches, Python scheduling), seconds."""
+
+    def __post_init__(self):
+        for name in (
+            "dense_mfu",
+            "attention_mfu",
+            "hbm_efficiency",
+            "nvlink_efficiency",
+            "network_efficiency",
+        ):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ConfigError(f"efficiency: {name} must be in (0, 1], got {v}")
+        if self.microbatch_overhead_s < 0:
+            raise ConfigError(
+                f"efficiency: microbatch_overhead_s must be >= 0, got {self.microbatch_overhead_s}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSetup:
+    """How the job is run (parallel layout and memory-relevant options)."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel degree t (the DP x CP ranks are GPUs / t)."""
+    distributed_optimizer: bool = True
+    """Shard fp32 master weights and Adam states over the DP x CP ranks (Megatron
+    ``use_distributed_optimizer``)."""
+    fused_loss: bool = True
+    """Chunked linear + cross-entropy that never materialises the [T, V] logits."""
+    fused_loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the fused loss."""
+    grad_bytes: int = 4
+    """Bytes per main-gradient element (4: fp32 accumulate/all-reduce, Megatron's bf16 default)."""
+    overlap_cp_comm: bool = True
+    """Overlap the K/V exchange of context parallelism with attention compute."""
+    overlap_dp_comm: bool = True
+    """Overlap the gradient reduce-scatter / parameter all-gather with compute."""
+    memory_reserve_gib: float = 14.0
+    """Memory not available to the modelled tensors: CUDA context, NCCL buffers, allocator
+    fragmentation, temporaries. 14 GiB reproduces the recompute counts the paper measured for
+    LLaMA3.1-8B on 80 GB H100s (Table 19: 8 layers at 4K tokens/GPU, 28 at 16K; this model gives
+    6 and 28); a first-principles guess would be ~6 GiB."""
+    attention_backward_factor: float = 2.5
+    """Attention backward FLOPs / forward FLOPs (2.5 for FlashAttention-2)."""
+
+    def __post_init__(self):
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"training setup: tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.grad_bytes not in (2, 4):
+            raise ConfigError(
+                f"training setup: grad_bytes must be 2 (bf16) or 4 (fp32), got {self.grad_bytes}"
+            )
+        if self.memory_reserve_gib < 0 or self.fused_loss_chunk_tokens < 1:
+            raise ConfigError(
+                "training setup: memory_reserve_gib must be >= 0 and fused_loss_chunk_tokens >= 1"
+            )
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Peak memory of one GPU, bytes."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    loss: float
+    cp_buffers: float
+    reserve: float
+
+    @property
+    def total(self) -> float:
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.loss
+            + self.cp_buffers
+            + self.reserve
+        )
+
+
+@dataclass(frozen=True)
+class TimeComponents:
+    """Micro-batch times at unit efficiency (seconds with every efficiency = 1 and no overhead).
+
+    Each field is an array [M] over micro-batches; the time under an ``Efficiency`` e is
+    ``dense / e.dense_mfu + attention / e.attention_mfu + comm / e.<link>_efficiency +
+    e.microbatch_overhead_s`` when compute bound (what ``calibrate`` fits)."""
+
+    dense: np.ndarray
+    attention: np.ndarray
+    comm: np.ndarray
+
+
+class CostModel:
+    """Time and memory of micro-batches and steps for one model on one cluster.
+
+    Args:
+        model: ``ModelConfig`` or preset name.
+        hardware: ``HardwareProfile`` or profile name.
+        num_gpus: GPUs in the job (DP x CP x TP).
+        gpus_per_node: NVLink domain size (default: the hardware profile's).
+        setup, efficiency: see ``TrainingSetup`` and ``Efficiency``.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig | str,
+        hardware: HardwareProfile | str = "h100_sxm",
+        *,
+        num_gpus: int = 8,
+        gpus_per_node: int | None = None,
+        setup: TrainingSetup | None = None,
+        efficiency: Efficiency | None = None,
+    ):
+        self.model = load_model_config(model) if isinstance(model, str) else model
+        self.hardware = load_hardware(hardware) if isinstance(hardware, str) else hardware
+        self.num_gpus = int(num_gpus)
+        self.gpus_per_node = int(gpus_per_node or self.hardware.gpus_per_node)
+        self.setup = setup or TrainingSetup()
+        self.efficiency = efficiency or Efficiency()
+        t = self.setup.tensor_parallel
+        if self.num_gpus < 1 or self.num_gpus % t:
+            raise ConfigError(
+                f"num_gpus ({self.num_gpus}) must be a positive multiple of tensor_parallel ({t})"
+            )
+        m = self.model
+        h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
+        self.q_dim = m.num_attention_heads * d
+        self.kv_dim = m.num_query_groups * d
+        self.layer_matmul_params = h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h + 3 * h * f
+        self.params_local = m.num_parameters() / t
+
+    # ------------------------------------------------------------------ configuration
+    def with_efficiency(self, efficiency: Efficiency) -> CostModel:
+        return CostModel(
+            self.model,
+            self.hardware,
+            num_gpus=self.num_gpus,
+            gpus_per_node=self.gpus_per_node,
+            setup=self.setup,
+            efficiency=efficiency,
+        )
+
+    def with_setup(self, **changes) -> CostModel:
+        return CostModel(
+            self.model,
+            self.hardware,
+            num_gpus=self.num_gpus,
+            gpus_per_node=self.gpus_per_node,
+            setup=replace(self.setup, **changes),
+            efficiency=self.efficiency,
+        )
+
+    @property
+    def dp_cp_ranks(self) -> int:
+        return self.num_gpus // self.setup.tensor_parallel
+
+    # ------------------------------------------------------------------ FLOPs
+    def dense_fwd_flops_per_token_layer(self) -> float:
+        """F_d: forward GEMM FLOPs of one token in one layer (per TP rank)."""
+        return 2.0 * self.layer_matmul_params / self.setup.tensor_parallel
+
+    def logits_fwd_flops_per_token(self) -> float:
+        """F_v: forward FLOPs of the output layer per token (per TP rank)."""
+        return 2.0 * self.model.hidden_size * self.model.vocab_size / self.setup.tensor_parallel
+
+    def attention_fwd_flops_per_pair_layer(self) -> float:
+        """F_a: forward attention FLOPs per causal (q, k) pair and layer (per TP rank)."""
+        return 4.0 * self.q_dim / self.setup.tensor_parallel
+
+    def dense_flops(self, tokens, recompute_layers: int = 0):
+        """Forward + backward (+ recompute) GEMM FLOPs of ``tokens`` tokens on one GPU."""
+        L, k = self.model.num_layers, recompute_layers
+        return np.asarray(tokens, dtype=np.float64) * (
+            (3 * L + k) * self.dense_fwd_flops_per_token_layer() + 3 * self.logits_fwd_flops_per_token()
+        )
+
+    def attention_flops(self, pairs, recompute_layers: int = 0):
+        """Forward + backward (+ recompute) attention FLOPs of ``pairs`` causal pairs on one GPU."""
+        L, k = self.model.num_layers, recompute_layers
+        bwd = self.setup.attention_backward_factor
+        return np.asarray(pairs, dtype=np.float64) * (
+            ((1 + bwd) * L + k) * self.attention_fwd_flops_per_pair_layer()
+        )
+
+    # ------------------------------------------------------------------ communication
+    def _link(self, group_gpus: int) -> tuple[float, float]:
+        """(bandwidth bytes/s, efficiency) of the slowest link of a ring over ``group_gpus`` GPUs."""
+        hw, e = self.hardware, self.efficiency
+        if group_gpus <= self.gpus_per_node:
+            return hw.nvlink_gb_per_s * 1e9, e.nvlink_efficiency
+        return hw.internode_gb_per_s * 1e9, e.network_efficiency
+
+    def cp_bytes_per_layer(self, pack_tokens, cp: int):
+        """B: K/V bytes each CP rank receives per layer in the forward pass."""
+        t = self.setup.tensor_parallel
+        return (cp - 1) / cp * np.asarray(pack_tokens, dtype=np.float64) * 2 * self.kv_dim * 2 / t
+
+    def dp_comm_bytes(self) -> float:
+        """Bytes each GPU sends for one gradient reduction (+ parameter all-gather)."""
+        n, g = self.dp_cp_ranks, self.setup.grad_bytes
+        if n == 1:
+            return 0.0
+        if self.setup.distributed_optimizer:
+            return (n - 1) / n * self.params_local * (g + 2)
+        return 2 * (n - 1) / n * self.params_local * g
+
+    def dp_comm_time(self) -> float:
+        """Seconds of the gradient reduction of one step (not yet overlapped)."""
+        bw, eff = self._link(self.num_gpus)
+        return self.dp_comm_bytes() / (bw * eff)
+
+    def optimizer_time(self) -> float:
+        shard = self.dp_cp_ranks if self.setup.distributed_optimizer else 1
+        return (
+            32.0
+            * self.params_local
+            / shard
+            / (self.hardware.hbm_gb_per_s * 1e9 * self.efficiency.hbm_efficiency)
+        )
+
+    # ------------------------------------------------------------------ time
+    def time_components(self, pack_tokens, pairs, cp: int, recompute_layers: int = 0) -> TimeComponents:
+        """Unit-efficiency seconds per micro-batch (compute-bound branch), for calibration.
+
+        ``pack_tokens``: [M] tokens of each micro-batch (all CP ranks); ``pairs``: [M, cp]."""
+        pack_tokens = np.asarray(pack_tokens, dtype=np.float64)
+        pairs = np.asarray(pairs, dtype=np.float64).reshape(pack_tokens.size, cp)
+        peak = self.hardware.peak_flops
+        dense = self.dense_flops(pack_tokens / cp, recompute_layers) / peak
+        attention = self.attention_flops(pairs.max(axis=1), recompute_layers) / peak
+        L, k = self.model.num_layers, recompute_layers
+        units = 3 * L + k
+        bw, _ = self._link(cp * self.setup.tensor_parallel)
+        comm = self.cp_bytes_per_layer(pack_tokens, cp) * units / bw if cp > 1 else np.zeros_like(pack_tokens)
+        return TimeComponents(dense=dense, attention=attention, comm=comm)
+
+    def microbatch_time(self, pack_tokens, pairs, cp: int, recompute_layers: int = 0) -> np.ndarray:
+        """Seconds of forward + backward of each micro-batch on its CP group: [M].
+
+        ``pack_tokens``: [M] tokens (sum of padded document lengths) of each micro-batch;
+        ``pairs``: [M, cp] causal pairs per CP rank (``zigzag_attention_pairs``)."""
+        compute, comm = self.microbatch_breakdown(pack_tokens, pairs, cp, recompute_layers)
+        return compute + comm + self.efficiency.microbatch_overhead_s
+
+    def microbatch_breakdown(
+        self, pack_tokens, pairs, cp: int, recompute_layers: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(compute seconds of the slowest CP rank, exposed CP communication seconds), each [M]."""
+        e, hw = self.efficiency, self.hardware
+        L, k = self.model.num_layers, int(recompute_layers)
+        if not 0 <= k <= L:
+            raise ValueError(f"recompute_layers must be in [0, {L}], got {k}")
+        pack_tokens = np.atleast_1d(np.asarray(pack_tokens, dtype=np.float64))
+        pairs = np.asarray(pairs, dtype=np.float64).reshape(pack_tokens.size, cp)
+        peak = hw.peak_flops
+        t_dense_flops = self.dense_flops(pack_tokens / cp, k) / (peak * e.dense_mfu)
+        weight_bytes = self.params_local * (12.0 + 2.0 * k / L)
+        t_weights = weight_bytes / (hw.hbm_gb_per_s * 1e9 * e.hbm_efficiency)
+        t_dense = np.maximum(t_dense_flops, t_weights)
+        t_attn = self.attention_flops(pairs, k) / (peak * e.attention_mfu)  # [M, cp]
+        compute = (t_dense[:, None] + t_attn).max(axis=1)
+        comm = self.cp_exposed_time(pack_tokens, t_attn.mean(axis=1), cp, k)
+        return compute, comm
+
+    def cp_exposed_time(self, pack_tokens, attention_time, cp: int, recompute_layers: int = 0) -> np.ndarray:
+        """Seconds of CP communication not hidden behind attention, per micro-batch: [M].
+
+        ``attention_time``: [M] fwd+bwd(+recompute) attention seconds of one rank."""
+        pack_tokens = np.atleast_1d(np.asarray(pack_tokens, dtype=np.float64))
+        if cp == 1:
+            return np.zeros_like(pack_tokens)
+        L, k = self.model.num_layers, recompute_layers
+        bw, eff = self._link(cp * self.setup.tensor_parallel)
+        unit = self.cp_bytes_per_layer(pack_tokens, cp) / (bw * eff)  # one layer, one direction
+        if not self.setup.overlap_cp_comm:
+            return unit * (3 * L + k)
+        bwd = self.setup.attention_backward_factor
+        fwd_attn = np.asarray(attention_time, dtype=np.float64) / ((1 + bwd) * L + k)  # one layer forward
+        exposed = L * np.maximum(0.0, unit - fwd_attn)
+        exposed += L * np.maximum(0.0, 2 * unit - bwd * fwd_attn)
+        exposed += k * np.maximum(0.0, unit - fwd_attn)
+        return exposed
+
+    def dp_exposed_time(self, microbatch_compute: float) -> float:
+        """Exposed gradient-reduction seconds when one micro-batch of ``microbatch_compute``
+        seconds can hide it (overlap) or none can."""
+        comm = self.dp_comm_time()
+        if self.setup.overlap_dp_comm:
+            return max(0.0, comm - microbatch_compute)
+        return comm
+
+    def step_time(self, replica_times, last_microbatch_time: float) -> float:
+        """Seconds of one optimizer step: slowest replica + exposed DP reduction + optimizer."""
+        return (
+            float(np.max(replica_times)) + self.dp_exposed_time(last_microbatch_time) + self.optimizer_time()
+        )
+
+    # ------------------------------------------------------------------ memory
+    def full_layer_bytes_per_token(self) -> float:
+        """Activation bytes one token keeps in one non-recomputed layer (per GPU)."""
+        t = self.setup.tensor_parallel
+        h, f = self.model.hidden_size, self.model.ffn_hidden_size
+        a = self.model.num_attention_heads
+        return 2.0 * (4 * h + (2 * self.q_dim + 2 * self.kv_dim + 3 * f) / t) + 4.0 * a / t
+
+    def checkpoint_layer_bytes_per_token(self) -> float:
+        """Activation bytes one token keeps in one recomputed layer (its input)."""
+        return 2.0 * self.model.hidden_size
+
+    def static_bytes(self) -> tuple[float, float, float]:
+        """(weights, gradients, optimizer states) bytes per GPU."""
+        n = self.params_local
+        shard = self.dp_cp_ranks if self.setup.distributed_optimizer else 1
+        return 2.0 * n, float(self.setup.grad_bytes) * n, 12.0 * n / shard
+
+    def memory(self, pack_tokens: float, cp: int, recompute_layers: int) -> MemoryBreakdown:
+        """Peak memory of one GPU running micro-batches of ``pack_tokens`` tokens with CP ``cp``."""
+        L, k = self.model.num_layers, int(recompute_layers)
+        if not 0 <= k <= L:
+            raise ValueError(f"recompute_layers must be in [0, {L}], got {k}")
+        t = self.setup.tensor_parallel
+        h, V = self.model.hidden_size, self.model.vocab_size
+        T = pack_tokens / cp
+        full, ckpt = self.full_layer_bytes_per_token() * T, self.checkpoint_layer_bytes_per_token() * T
+        act = (L - k) * full + k * ckpt + (full if k > 0 else 0.0) + 3 * 2.0 * h * T
+        if self.setup.fused_loss:
+            loss = 4.0 * h * T + 6.0 * min(T, self.setup.fused_loss_chunk_tokens) * V / t
+        else:
+            loss = UNFUSED_LOSS_BYTES_PER_LOGIT * T * V / t
+        cp_buf = 2.0 * pack_tokens * 2 * self.kv_dim * 2 / t if cp > 1 else 0.0
+        w, g, o = self.static_bytes()
+        return MemoryBreakdown(w, g, o, act, loss, cp_buf, self.setup.memory_reserve_gib * GIB)
+
+    def min_recompute_layers(
+        self, pack_tokens: float, cp: int, budget_bytes: float | None = None
+    ) -> int | None:
+        """Fewest recomputed layers whose peak memory fits ``budget_bytes`` (default: the GPU);
+        None when even all layers recomputed do not fit (closed form, see module docstring)."""
+        budget = self.hardware.memory_bytes if budget_bytes is None else budget_bytes
+        m0 = self.memory(pack_tokens, cp, 0).total
+        if m0 <= budget:
+            return 0
+        T = pack_tokens / cp
+        full = self.full_layer_bytes_per_token() * T
+        saving = full - self.checkpoint_layer_bytes_per_token() * T
+        k = max(1, math.ceil((m0 + full - budget) / saving - 1e-9))
+        if k > self.model.num_layers:
+            return None
+        # guard against floating-point rounding at the boundary
+        while k > 1 and self.memory(pack_tokens, cp, k - 1).total <= budget:
+            k -= 1
+        while k <= self.model.num_layers and self.memory(pack_tokens, cp, k).total > budget:
+            k += 1
+        return k if k <= self.model.num_layers else None

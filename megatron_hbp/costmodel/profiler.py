@@ -1,0 +1,339 @@
+"""Profilers (time and peak memory of a (pack length, CP, recompute) setting) and calibration.
+
+``Profiler.profile(packs, pack_length, cp, recompute_layers)`` runs (or models) one CP group
+processing ``packs`` one after another, each pack one micro-batch, and returns the seconds and
+the peak memory per GPU. Two implementations:
+
+- ``AnalyticProfiler``: the cost model (``megatron_hbp.costmodel.model``), no GPU.
+- ``MeasuredProfiler``: real forward+backward iterations of the training model
+  (``megatron_hbp.mcore``) on the local GPU, timed with CUDA events after warm-up, peak
+  memory from ``torch.cuda.max_memory_allocated``. It imports torch and the training code
+  lazily inside ``profile`` so this module stays NumPy-only; CP > 1 needs several GPUs and
+  raises ``NotImplementedError``.
+
+``calibrate(cost_model, points)`` fits the efficiency factors to measured points by linear
+least squares on the compute-bound form of the model
+``time = dense / dense_mfu + attention / attention_mfu + comm / link_eff + n_mb * overhead``
+(unknowns: the four reciprocals / the overhead), and reports the relative fit error.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from megatron_hbp.costmodel.attention import zigzag_attention_pairs
+from megatron_hbp.costmodel.model import CostModel, Efficiency
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """Outcome of profiling one setting on one CP group."""
+
+    pack_length: int
+    cp: int
+    recompute_layers: int
+    num_packs: int
+    tokens_per_gpu: float
+    """Tokens each GPU processed (sum of pack tokens / cp)."""
+    time_s: float
+    """Seconds to run all packs (one micro-batch each) forward + backward."""
+    peak_memory_bytes: float
+    memory_budget_bytes: float
+
+    @property
+    def free_memory_bytes(self) -> float:
+        """Budget minus peak (negative: does not fit)."""
+        return self.memory_budget_bytes - self.peak_memory_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_memory_bytes <= self.memory_budget_bytes
+
+    @property
+    def time_per_token_s(self) -> float:
+        """Seconds per token per GPU (lower is better); ``inf`` when nothing was processed."""
+        return self.time_s / self.tokens_per_gpu if self.tokens_per_gpu > 0 else math.inf
+
+
+class Profiler(ABC):
+    """Measures or models a CP group running packs of one length."""
+
+    num_layers: int
+    """Transformer layers of the model (upper bound of recompute_layers)."""
+    memory_budget_bytes: float
+    """Memory one GPU may use."""
+
+    @abstractmethod
+    def profile(
+        self, packs: list[np.ndarray], pack_length: int, cp: int, recompute_layers: int
+    ) -> ProfileResult:
+        """Run (or model) ``packs`` (each an int array of document lengths, sum <= pack_length)."""
+
+
+def _pack_offsets(packs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lens = [np.asarray(p, dtype=np.int64) for p in packs]
+    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([x.size for x in lens])
+    flat = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+    return flat, offsets
+
+
+def padded(lengths: np.ndarray, cp: int) -> np.ndarray:
+    """Lengths rounded up to a multiple of 2 cp (unchanged for cp = 1)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if cp == 1:
+        return lengths
+    m = 2 * cp
+    return -(-lengths // m) * m
+
+
+class AnalyticProfiler(Profiler):
+    """The cost model as a profiler (no GPU)."""
+
+    def __init__(self, cost_model: CostModel, memory_budget_bytes: float | None = None):
+        self.cost_model = cost_model
+        self.num_layers = cost_model.model.num_layers
+        self.memory_budget_bytes = (
+            cost_model.hardware.memory_bytes if memory_budget_bytes is None else float(memory_budget_bytes)
+        )
+
+    def profile(self, packs, pack_length, cp, recompute_layers):
+        flat, offsets = _pack_offsets(packs)
+        pad = padded(flat, cp)
+        pack_tokens = np.add.reduceat(pad, offsets[:-1]) if flat.size else np.zeros(len(packs))
+        pack_tokens = np.where(np.diff(offsets) > 0, pack_tokens, 0)
+        pairs = zigzag_attention_pairs(flat, offsets, cp)
+        times = self.cost_model.microbatch_time(pack_tokens, pairs, cp, recompute_layers)
+        mem = self.cost_model.memory(pack_length, cp, recompute_layers).total
+        return ProfileResult(
+            pack_length=int(pack_length),
+            cp=int(cp),
+            recompute_layers=int(recompute_layers),
+            num_packs=len(packs),
+            tokens_per_gpu=float(pack_tokens.sum()) / cp,
+            time_s=float(times.sum()),
+            peak_memory_bytes=float(mem),
+            memory_budget_bytes=self.memory_budget_bytes,
+        )
+
+
+class MeasuredProfiler(Profiler):
+    """Real forward + backward iterations of the training model on the local GPU.
+
+    Args:
+        model: ``ModelConfig`` or preset name (``megatron_hbp.model_config``).
+        iterations: timed iterations per pack (after ``warmup``); the median is used.
+        memory_budget_bytes: defaults to the GPU's total memory.
+        attention_backend: passed to ``megatron_hbp.mcore.model.build_model``.
+
+    Uses ``megatron_hbp.mcore.model.build_model`` / ``set_recompute``,
+    ``megatron_hbp.mcore.batch.build_packed_batch`` / ``to_model_inputs`` and
+    ``megatron_hbp.mcore.loss.token_losses`` (the training path), bf16, random token ids.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        iterations: int = 3,
+        warmup: int = 1,
+        memory_budget_bytes: float | None = None,
+        attention_backend: str = "auto",
+        seed: int = 0,
+    ):
+        from megatron_hbp.model_config import load_model_config
+
+        self.model_cfg = load_model_config(model) if isinstance(model, str) else model
+        self.num_layers = self.model_cfg.num_layers
+        self.iterations, self.warmup, self.seed = int(iterations), int(warmup), int(seed)
+        self.attention_backend = attention_backend
+        self._budget = memory_budget_bytes
+        self._model = None
+
+    @property
+    def memory_budget_bytes(self) -> float:
+        if self._budget is None:
+            import torch
+
+            self._budget = float(torch.cuda.get_device_properties(0).total_memory)
+        return self._budget
+
+    def _build(self):  # pragma: no cover - needs a GPU
+        import torch
+        from megatron.core import parallel_state  # the training path's own dependency
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        from megatron_hbp.mcore.model import build_model
+
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                "nccl", init_method="tcp://127.0.0.1:29533", world_size=1, rank=0
+            )
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel()
+        model_parallel_cuda_manual_seed(self.seed)
+        self._model = build_model(
+            self.model_cfg, dtype=torch.bfloat16, attention_backend=self.attention_backend
+        )
+        return self._model
+
+    def profile(self, packs, pack_length, cp, recompute_layers):  # pragma: no cover - needs a GPU
+        try:
+            import torch
+        except ImportError as e:
+            raise NotImplementedError("MeasuredProfiler needs torch and a CUDA GPU") from e
+        if not torch.cuda.is_available():
+            raise NotImplementedError("MeasuredProfiler needs a CUDA GPU; use AnalyticProfiler on CPU")
+        if cp != 1:
+            raise NotImplementedError(
+                "MeasuredProfiler runs on one GPU: cp > 1 needs a CP group of several GPUs "
+                "(profile cp=1 settings and let calibrate() fit the model, or run under torchrun)"
+            )
+        from megatron_hbp.mcore.batch import build_packed_batch, to_model_inputs
+        from megatron_hbp.mcore.loss import token_losses
+        from megatron_hbp.mcore.model import set_recompute
+
+        model = self._model or self._build()
+        set_recompute(model, recompute_layers)
+        rng = np.random.default_rng(self.seed)
+        vocab = self.model_cfg.vocab_size
+        batches = []
+        for p in packs:
+            docs = [(rng.integers(1, vocab, int(n)), np.ones(int(n), np.uint8)) for n in p]
+            batches.append(to_model_inputs(build_packed_batch(docs, [int(n) for n in p]), "cuda"))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for it in range(self.warmup + self.iterations):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for inputs in batches:
+                losses = token_losses(model, inputs)
+                (losses.float().reshape(-1) * inputs["loss_weight"].reshape(-1)).sum().backward()
+            end.record()
+            torch.cuda.synchronize()
+            if it >= self.warmup:
+                times.append(start.elapsed_time(end) / 1e3)
+            for prm in model.parameters():
+                prm.grad = None
+                if hasattr(prm, "main_grad"):
+                    prm.main_grad = None
+        tokens = float(sum(int(np.sum(p)) for p in packs))
+        return ProfileResult(
+            pack_length=int(pack_length),
+            cp=1,
+            recompute_layers=int(recompute_layers),
+            num_packs=len(packs),
+            tokens_per_gpu=tokens,
+            time_s=float(np.median(times)),
+            peak_memory_bytes=float(torch.cuda.max_memory_allocated()),
+            memory_budget_bytes=self.memory_budget_bytes,
+        )
+
+
+# ---------------------------------------------------------------------- calibration
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One measured setting: the packs it ran and the measured seconds."""
+
+    packs: list
+    pack_length: int
+    cp: int
+    recompute_layers: int
+    time_s: float
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    efficiency: Efficiency
+    predicted_s: np.ndarray
+    measured_s: np.ndarray
+
+    @property
+    def relative_errors(self) -> np.ndarray:
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+    @property
+    def rms_relative_error(self) -> float:
+        return float(np.sqrt(np.mean(self.relative_errors**2)))
+
+    @property
+    def max_relative_error(self) -> float:
+        return float(np.max(np.abs(self.relative_errors)))
+
+
+def _features(cost_model: CostModel, point: CalibrationPoint) -> np.ndarray:
+    flat, offsets = _pack_offsets(point.packs)
+    pad = padded(flat, point.cp)
+    pack_tokens = np.add.reduceat(pad, offsets[:-1]) if flat.size else np.zeros(len(point.packs))
+    pack_tokens = np.where(np.diff(offsets) > 0, pack_tokens, 0)
+    pairs = zigzag_attention_pairs(flat, offsets, point.cp)
+    comp = cost_model.time_components(pack_tokens, pairs, point.cp, point.recompute_layers)
+    return np.array([comp.dense.sum(), comp.attention.sum(), comp.comm.sum(), len(point.packs)])
+
+
+def calibrate(
+    cost_model: CostModel, points: list[CalibrationPoint], *, fit_overhead: bool = True
+) -> CalibrationReport:
+    """Least-squares fit of ``Efficiency`` to measured points; returns the fit and its errors.
+
+    Rows are weighted by 1/measured so the fit minimises relative error. Coefficients that the
+    points cannot determine (e.g. no CP point -> no comm column) keep the model's current value.
+    Efficiencies are clipped into (0, 1].
+    """
+    if not points:
+        raise ValueError("calibrate: give at least one measured point")
+    X = np.stack([_features(cost_model, p) for p in points])
+    y = np.array([p.time_s for p in points], dtype=np.float64)
+    if np.any(y <= 0):
+        raise ValueError("calibrate: measured times must be positive")
+    e = cost_model.efficiency
+    link_eff = e.nvlink_efficiency
+    current = np.array([1 / e.dense_mfu, 1 / e.attention_mfu, 1 / link_eff, e.microbatch_overhead_s])
+    free = np.abs(X).max(axis=0) > 0  # a column of zeros (e.g. no CP point) cannot be fitted
+    if not fit_overhead:
+        free[3] = False
+    fixed_part = X[:, ~free] @ current[~free]
+    w = 1.0 / y
+    A = X[:, free] * w[:, None]
+    b = (y - fixed_part) * w
+    if A.shape[1] > len(points):
+        raise ValueError(
+            f"calibrate: {A.shape[1]} unknowns but only {len(points)} points; measure more configurations"
+        )
+    coef, *_ = np.linalg.lstsq(A, b, rcond=None)
+    fitted = current.copy()
+    fitted[free] = coef
+    eff = replace(
+        e,
+        dense_mfu=float(np.clip(1 / max(fitted[0], 1e-9), 1e-3, 1.0)),
+        attention_mfu=float(np.clip(1 / max(fitted[1], 1e-9), 1e-3, 1.0)),
+        nvlink_efficiency=float(np.clip(1 / max(fitted[2], 1e-9), 1e-3, 1.0)),
+        microbatch_overhead_s=float(max(fitted[3], 0.0)),
+    )
+    cal = cost_model.with_efficiency(eff)
+    predicted = np.array([_predict(cal, p) for p in points])
+    return CalibrationReport(efficiency=eff, predicted_s=predicted, measured_s=y)
+
+
+def _predict(cost_model: CostModel, point: CalibrationPoint) -> float:
+    return (
+        AnalyticProfiler(cost_model)
+        .profile(point.packs, point.pack_length, point.cp, point.recompute_layers)
+        .time_s
+    )
+
+
+def measure_points(profiler: Profiler, settings: list[tuple[list, int, int, int]]) -> list[CalibrationPoint]:
+    """Profile ``(packs, pack_length, cp, recompute_layers)`` settings into calibration points."""
+    out = []
+    for packs, length, cp, k in settings:
+        r = profiler.profile(packs, length, cp, k)
+        out.append(
+            CalibrationPoint(packs=packs, pack_length=length, cp=cp, recompute_layers=k, time_s=r.time_s)
+        )
+    return out

@@ -1,0 +1,429 @@
+"""Cluster simulator: epoch time of several packing/scheduling strategies on the same samples.
+
+For a plan (``megatron_hbp.planner.build_plan``) every micro-batch (pack) gets a time from the
+cost model (``CostModel.microbatch_breakdown``: slowest CP rank's compute + exposed CP
+communication + fixed overhead); a replica's time is the sum over its micro-batches; a step
+takes the slowest replica's time plus the exposed data-parallel gradient reduction plus the
+optimizer update; the epoch is the sum over steps, in GPU-hours = seconds * GPUs / 3600.
+Everything is vectorised over packs (a 1M-sample plan simulates in about a second).
+
+The Megatron-Core dynamic-CP strategy does not use the planner: the shuffled samples are cut
+into global batches of the same token budget as the plans' steps, each batch is scheduled by
+``dynamic_cp.schedule_step`` (Megatron's ``BalancedCPScheduler``), every sub-sample is a
+micro-batch of its own with its own CP size, groups run one after another (barrier), and
+a group lasts as long as its busiest GPU.
+
+Metrics (HBP.md section 2) for plans come from ``megatron_hbp.planner.metrics``. For dynamic
+CP a "replica" is one GPU and its share of a sample with CP size c is l/c tokens and l^2/c
+attention (the scheduler's own workload measure); CR = tokens of samples run with c > 1 / all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_hbp.costmodel.attention import zigzag_attention_pairs, zigzag_doc_pairs
+from megatron_hbp.costmodel.dynamic_cp import schedule_step
+from megatron_hbp.costmodel.model import CostModel
+from megatron_hbp.planner.config import GroupConfig, PlanConfig
+
+
+@dataclass
+class SimResult:
+    """Simulated epoch of one strategy."""
+
+    name: str
+    num_gpus: int
+    step_times: np.ndarray
+    """Seconds of each step [S]."""
+    compute_s: float
+    """Sum over steps of the slowest replica's compute seconds."""
+    cp_comm_s: float
+    """Sum over steps of the slowest replica's exposed CP communication seconds."""
+    dp_comm_s: float
+    """Sum over steps of exposed DP gradient reduction + optimizer seconds."""
+    abr: float
+    dbr: float
+    cr: float
+    tokens: int
+    """Real tokens trained in the epoch."""
+    num_dropped: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_times)
+
+    @property
+    def epoch_s(self) -> float:
+        return float(self.step_times.sum())
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.epoch_s * self.num_gpus / 3600.0
+
+    @property
+    def tokens_per_gpu_s(self) -> float:
+        return self.tokens / (self.epoch_s * self.num_gpus) if self.epoch_s > 0 else 0.0
+
+
+def _cp_padded(lengths: np.ndarray, cp: np.ndarray | int) -> np.ndarray:
+    cp = np.asarray(cp, dtype=np.int64)
+    m = np.where(cp > 1, 2 * cp, 1)
+    return -(-lengths // m) * m
+
+
+def pack_times(
+    cost_model: CostModel, lengths: np.ndarray, pack_offsets: np.ndarray, cp: int, recompute_layers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(compute + overhead seconds [P], exposed CP comm seconds [P]) of packs of one CP degree.
+
+    ``lengths``: real document lengths of all packs concatenated; ``pack_offsets``: [P+1]."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.asarray(pack_offsets, dtype=np.int64)
+    pad = _cp_padded(lengths, cp)
+    csum = np.concatenate([[0], np.cumsum(pad)])
+    tokens = csum[offsets[1:]] - csum[offsets[:-1]]
+    pairs = zigzag_attention_pairs(lengths, offsets, cp)
+    compute, comm = cost_model.microbatch_breakdown(tokens, pairs, cp, recompute_layers)
+    return compute + cost_model.efficiency.microbatch_overhead_s, comm
+
+
+def simulate_plan(plan, cost_model: CostModel, name: str = "plan") -> SimResult:
+    """Simulate every step of ``plan`` (a ``megatron_hbp.planner`` Plan) on ``cost_model``'s cluster.
+
+    The plan's world_size must equal the cost model's DP x CP ranks (GPUs / TP)."""
+    from megatron_hbp.planner.metrics import compute_metrics
+
+    if plan.world_size != cost_model.dp_cp_ranks:
+        raise ValueError(
+            f"plan world_size={plan.world_size} but the cluster has {cost_model.dp_cp_ranks} DP x CP ranks "
+            f"({cost_model.num_gpus} GPUs / TP {cost_model.setup.tensor_parallel}); plan for that world size"
+        )
+    a = plan.arrays
+    lengths = a["lengths"].astype(np.int64)
+    poff = a["pack_offsets"].astype(np.int64)
+    spo = a["step_pack_offsets"].astype(np.int64)
+    sg = a["step_group"].astype(np.int64)
+    smb = a["step_micro_batches"].astype(np.int64)
+    S, P = len(sg), len(poff) - 1
+    groups = plan.groups
+    cps = np.array([g.cp for g in groups], dtype=np.int64)
+    step_of_pack = np.repeat(np.arange(S), np.diff(spo))
+    g_of_pack = sg[step_of_pack]
+    size = np.diff(poff)
+    t_comp = np.zeros(P)
+    t_comm = np.zeros(P)
+    for gi, g in enumerate(groups):
+        sel = np.nonzero(g_of_pack == gi)[0]
+        if not len(sel):
+            continue
+        doc_idx = np.repeat(poff[sel], size[sel]) + (
+            np.arange(size[sel].sum())
+            - np.repeat(np.concatenate([[0], np.cumsum(size[sel])[:-1]]), size[sel])
+        )
+        offs = np.concatenate([[0], np.cumsum(size[sel])])
+        c, m = pack_times(cost_model, lengths[doc_idx], offs, g.cp, g.recompute_layers)
+        t_comp[sel], t_comm[sel] = c, m
+    n_rep = plan.world_size // cps[sg]
+    rep_base = np.concatenate([[0], np.cumsum(n_rep)])
+    rep_id = rep_base[step_of_pack] + (np.arange(P) - spo[step_of_pack]) // smb[step_of_pack]
+    R = int(rep_base[-1])
+    rep_comp = np.bincount(rep_id, t_comp, minlength=R)
+    rep_comm = np.bincount(rep_id, t_comm, minlength=R)
+    rep_time = rep_comp + rep_comm
+    slow = _argmax_segments(rep_time, rep_base)
+    step_compute, step_comm = rep_comp[slow], rep_comm[slow]
+    mb_mean = np.bincount(step_of_pack, t_comp, minlength=S) / np.maximum(np.diff(spo), 1)
+    dp = np.array([cost_model.dp_exposed_time(x) for x in mb_mean]) + cost_model.optimizer_time()
+    step_times = step_compute + step_comm + dp
+    met = compute_metrics(plan, cp_balance=False)
+    return SimResult(
+        name=name,
+        num_gpus=cost_model.num_gpus,
+        step_times=step_times,
+        compute_s=float(step_compute.sum()),
+        cp_comm_s=float(step_comm.sum()),
+        dp_comm_s=float(dp.sum()),
+        abr=met["ABR"],
+        dbr=met["DBR"],
+        cr=met["CR"],
+        tokens=int(met["total_tokens"]),
+        num_dropped=int(met["num_dropped"]),
+        extra={"groups": [(g.pack_length, g.cp, g.recompute_layers) for g in groups], "PR": met["PR"]},
+    )
+
+
+def _argmax_segments(values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Index of the maximum of each segment ``values[bounds[i]:bounds[i+1]]`` (non-empty)."""
+    seg = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    order = np.lexsort((-values, seg))  # by segment, then decreasing value
+    return order[bounds[:-1]]
+
+
+# ---------------------------------------------------------------------- dynamic CP
+def global_batches(lengths: np.ndarray, tokens_per_step: int, seed: int = 0) -> list[np.ndarray]:
+    """Shuffle sample indices and cut them into consecutive batches of ~``tokens_per_step`` tokens
+    (a batch closes before the sample that would exceed the budget; the last may be short)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    csum = np.cumsum(lengths[order])
+    cuts = np.searchsorted(
+        csum, np.arange(tokens_per_step, int(csum[-1]) + tokens_per_step, tokens_per_step), "right"
+    )
+    cuts = np.unique(np.concatenate([[0], np.minimum(cuts, len(order)), [len(order)]]))
+    return [order[cuts[i] : cuts[i + 1]] for i in range(len(cuts) - 1) if cuts[i + 1] > cuts[i]]
+
+
+def simulate_dynamic_cp(
+    lengths: np.ndarray,
+    cost_model: CostModel,
+    *,
+    tokens_per_step: int,
+    max_seqlen_per_rank: int,
+    recompute_layers: int | None = None,
+    pack_subsamples: bool = False,
+    seed: int = 0,
+    name: str = "dynamic-CP (Megatron)",
+    progress: bool = False,
+) -> SimResult:
+    """Megatron-Core hybrid context parallel over the DP x CP ranks of ``cost_model``.
+
+    ``recompute_layers``: one global setting (Megatron has no per-sample recompute); default the
+    fewest layers that fit ``max_seqlen_per_rank`` tokens per GPU at the largest CP size.
+    ``pack_subsamples``: a what-if, not Megatron's behaviour: the CP=1 sub-samples a GPU runs in
+    one group are packed into a single micro-batch instead of one micro-batch each."""
+    W = cost_model.dp_cp_ranks
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if recompute_layers is None:
+        max_cp = 1
+        while max_cp < W and max_cp * max_seqlen_per_rank < lengths.max():
+            max_cp *= 2
+        recompute_layers = cost_model.min_recompute_layers(max_seqlen_per_rank * max_cp, max_cp)
+        if recompute_layers is None:
+            raise ValueError(
+                f"dynamic CP: {max_seqlen_per_rank} tokens per GPU do not fit even with full recompute"
+            )
+    k = int(recompute_layers)
+    batches = global_batches(lengths, tokens_per_step, seed)
+    it = batches
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(batches, desc="dynamic-CP schedule", unit="step")
+    # One record per (sub-sample, GPU that runs it): step, group (global id), gpu, length, cp.
+    rec_step, rec_group, rec_gpu, rec_len, rec_cp = [], [], [], [], []
+    group_step = []
+    for si, batch in enumerate(it):
+        seqlens = lengths[batch]
+        for grp in schedule_step(seqlens, max_seqlen_per_rank, W):
+            gid = len(group_step)
+            group_step.append(si)
+            for r, items in enumerate(grp):
+                for sid, cp in items:
+                    rec_step.append(si)
+                    rec_group.append(gid)
+                    rec_gpu.append(r)
+                    rec_len.append(int(seqlens[sid]))
+                    rec_cp.append(cp)
+    S, G = len(batches), len(group_step)
+    step_arr = np.array(rec_step, dtype=np.int64)
+    slot = np.array(rec_group, dtype=np.int64) * W + np.array(rec_gpu, dtype=np.int64)
+    length = np.array(rec_len, dtype=np.int64)
+    cp_arr = np.array(rec_cp, dtype=np.int64)
+    comp = np.zeros(len(length))
+    comm = np.zeros(len(length))
+    overhead = cost_model.efficiency.microbatch_overhead_s
+    packed_slots = None
+    for c in np.unique(cp_arr):
+        sel = np.nonzero(cp_arr == c)[0]
+        if pack_subsamples and c == 1:
+            # one micro-batch per (group, GPU): sum tokens and pairs of its CP=1 sub-samples
+            keys, inv = np.unique(slot[sel], return_inverse=True)
+            tok = np.bincount(inv, length[sel].astype(np.float64))
+            pairs = np.bincount(inv, (length[sel] * (length[sel] + 1) // 2).astype(np.float64))
+            pc, pm = cost_model.microbatch_breakdown(tok, pairs[:, None], 1, k)
+            packed_slots = (keys, pc + overhead, pm)
+            continue
+        ul, inv = np.unique(length[sel], return_inverse=True)
+        uc, um = cost_model.microbatch_breakdown(_cp_padded(ul, c), zigzag_doc_pairs(ul, int(c)), int(c), k)
+        comp[sel] = uc[inv] + overhead
+        comm[sel] = um[inv]
+    slot_comp = np.bincount(slot, comp, minlength=G * W)
+    slot_comm = np.bincount(slot, comm, minlength=G * W)
+    if packed_slots is not None:
+        keys, pc, pm = packed_slots
+        slot_comp[keys] += pc
+        slot_comm[keys] += pm
+    slot_time = (slot_comp + slot_comm).reshape(G, W)
+    slow = np.argmax(slot_time, axis=1)
+    g_comp = slot_comp.reshape(G, W)[np.arange(G), slow]
+    g_comm = slot_comm.reshape(G, W)[np.arange(G), slow]
+    gs = np.array(group_step, dtype=np.int64)
+    step_comp = np.bincount(gs, g_comp, minlength=S)
+    step_comm = np.bincount(gs, g_comm, minlength=S)
+    n_mb = np.maximum(np.bincount(step_arr, minlength=S), 1)
+    mb_mean = np.bincount(step_arr, comp, minlength=S) / n_mb
+    dp = np.array([cost_model.dp_exposed_time(x) for x in mb_mean]) + cost_model.optimizer_time()
+    # balance metrics per step over GPUs: a sample's share on each of its cp GPUs is l/cp, l^2/cp
+    sg = step_arr * W + np.array(rec_gpu, dtype=np.int64)
+    tok = np.bincount(sg, length / cp_arr, minlength=S * W).reshape(S, W)
+    att = np.bincount(sg, length.astype(np.float64) ** 2 / cp_arr, minlength=S * W).reshape(S, W)
+
+    def ratio(x):
+        mx = x.max(axis=1)
+        return np.where(mx > 0, 1 - x.mean(axis=1) / np.where(mx > 0, mx, 1), 0.0)
+
+    total_tokens = int(lengths.sum())
+    cp_tokens = float((length / cp_arr)[cp_arr > 1].sum())
+    return SimResult(
+        name=name,
+        num_gpus=cost_model.num_gpus,
+        step_times=step_comp + step_comm + dp,
+        compute_s=float(step_comp.sum()),
+        cp_comm_s=float(step_comm.sum()),
+        dp_comm_s=float(dp.sum()),
+        abr=float(ratio(att).mean()),
+        dbr=float(ratio(tok).mean()),
+        cr=cp_tokens / total_tokens,
+        tokens=total_tokens,
+        extra={
+            "max_seqlen_per_rank": max_seqlen_per_rank,
+            "recompute_layers": k,
+            "groups_per_step": G / max(S, 1),
+            "micro_batches_per_gpu_step": len(length) / max(S * W, 1),
+        },
+    )
+
+
+# ---------------------------------------------------------------------- strategies
+@dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """One row of the comparison: a plan config, or Megatron's dynamic CP."""
+
+    name: str
+    plan: PlanConfig | None = None
+    """Plan config for planner strategies (None for dynamic CP)."""
+    max_seqlen_per_rank: int | None = None
+    """Dynamic CP only: Megatron's ``max_seqlen_per_dp_cp_rank``."""
+    recompute_layers: int | None = None
+    """Dynamic CP only: global recompute setting (None: fewest that fit)."""
+    pack_subsamples: bool = False
+    """Dynamic CP only: what-if that packs each GPU's CP=1 sub-samples of a group into one micro-batch."""
+
+
+def default_strategies(
+    cost_model: CostModel,
+    *,
+    tokens_per_gpu: int = 16384,
+    micro_batches: int = 1,
+    max_length: int = 131072,
+    hbp_groups: list[tuple[int, int]] | None = None,
+    seed: int = 0,
+) -> list[Strategy]:
+    """The issue's comparison: ISF (one max_length group, CP = max_length / tokens_per_gpu), HBP
+    groups without balancing, HBP (paper: attention sort), HBP with the planner's better packer and
+    balancer (best-fit decreasing + LPT on a linear + attention cost), and Megatron's dynamic CP.
+
+    Every strategy runs ``tokens_per_gpu`` tokens per GPU per micro-batch and ``micro_batches``
+    micro-batches per step, so all steps have the same token capacity. Recompute layers per group
+    are the fewest that fit (``CostModel.min_recompute_layers``)."""
+    W = cost_model.dp_cp_ranks
+    cp_max = max_length // tokens_per_gpu
+    if hbp_groups is None:
+        hbp_groups = [(tokens_per_gpu, 1), (max_length, cp_max)]
+
+    def group(length, cp):
+        k = cost_model.min_recompute_layers(length, cp)
+        if k is None:
+            raise ValueError(f"group {length}/CP{cp} does not fit in memory even with full recompute")
+        return GroupConfig(pack_length=length, cp=cp, recompute_layers=k)
+
+    isf = [group(max_length, cp_max)]
+    hbp = [group(length, cp) for length, cp in hbp_groups]
+    # the paper's linear coefficient: a token's dense FLOPs in units of one causal pair's attention FLOPs
+    coef = cost_model.dense_flops(1.0) / cost_model.attention_flops(1.0)
+
+    def cfg(groups, **kw):
+        return PlanConfig(groups=groups, world_size=W, micro_batches_per_step=micro_batches, seed=seed, **kw)
+
+    return [
+        Strategy(
+            name=f"ISF {max_length // 1024}K/CP{cp_max}",
+            plan=cfg(isf, packer="isf", greedy_fill=False, balance="none"),
+        ),
+        Strategy(
+            name="HBP groups (no balance)", plan=cfg(hbp, packer="isf", greedy_fill=True, balance="none")
+        ),
+        Strategy(name="HBP (paper: sort)", plan=cfg(hbp, packer="isf", greedy_fill=True, balance="sort")),
+        Strategy(
+            name="HBP + BFD + LPT (ours)",
+            plan=cfg(hbp, packer="bfd", greedy_fill=True, balance="lpt", cost_linear_coef=float(coef)),
+        ),
+        Strategy(name="dynamic-CP (Megatron)", max_seqlen_per_rank=tokens_per_gpu),
+        Strategy(
+            name="dynamic-CP, packed sub-samples (what-if)",
+            max_seqlen_per_rank=tokens_per_gpu,
+            pack_subsamples=True,
+        ),
+    ]
+
+
+def run_strategies(
+    lengths: np.ndarray,
+    cost_model: CostModel,
+    strategies: list[Strategy],
+    *,
+    loss_tokens: np.ndarray | None = None,
+    tokens_per_step: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[SimResult]:
+    """Build each plan and simulate it (dynamic CP: schedule and simulate) on the same samples."""
+    from megatron_hbp.planner import build_plan
+
+    out = []
+    for s in strategies:
+        t0 = time.perf_counter()
+        if s.plan is not None:
+            plan = build_plan(lengths, loss_tokens, s.plan)
+            res = simulate_plan(plan, cost_model, name=s.name)
+            if tokens_per_step is None:
+                g = s.plan.groups[0]
+                tokens_per_step = s.plan.world_size // g.cp * g.pack_length * s.plan.micro_batches(0)
+        else:
+            if tokens_per_step is None:
+                raise ValueError("dynamic CP needs tokens_per_step (or a plan strategy before it)")
+            res = simulate_dynamic_cp(
+                lengths,
+                cost_model,
+                tokens_per_step=tokens_per_step,
+                max_seqlen_per_rank=s.max_seqlen_per_rank,
+                recompute_layers=s.recompute_layers,
+                pack_subsamples=s.pack_subsamples,
+                seed=seed,
+                name=s.name,
+                progress=progress,
+            )
+        res.extra["wall_s"] = time.perf_counter() - t0
+        out.append(res)
+    return out
+
+
+def format_table(results: list[SimResult], baseline: int = 0) -> str:
+    """Markdown table: ABR, DBR, CR, steps, epoch GPU-hours, speed-up vs ``results[baseline]``."""
+    base = results[baseline].gpu_hours
+    lines = [
+        "| strategy | ABR | DBR | CR | steps | compute h | CP comm h | DP+opt h | GPU-hours | GPU-days | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.abr:.3f} | {r.dbr:.3f} | {r.cr:.3f} | {r.num_steps} | {r.compute_s / 3600:.2f} | "
+            f"{r.cp_comm_s / 3600:.3f} | {r.dp_comm_s / 3600:.3f} | {r.gpu_hours:.1f} | {r.gpu_hours / 24:.2f} | "
+            f"{base / r.gpu_hours:.2f}x |"
+        )
+    return "\n".join(lines)
