@@ -340,7 +340,9 @@ def _chunk_sizes(
     T: int, V: int, device, chunk_tokens: int | None, chunk_vocab: int | None
 ) -> tuple[int, int]:
     """(Tc, Vc) of the backward (and the PyTorch path): Tc·Vc ≤ a fixed element budget."""
-    budget = (1 << 26) if device.type == "cuda" else (1 << 22)
+    # 2^25 logits = 64 MB of bf16 dz on CUDA: large enough for efficient GEMMs, small
+    # against the 1 GB of the weight gradient itself at V = 128K, H = 4K.
+    budget = (1 << 25) if device.type == "cuda" else (1 << 22)
     if chunk_vocab is None:
         chunk_vocab = V if budget >= T * V else max(512, (budget // max(T, 1)) // 128 * 128)
     if chunk_tokens is None:
@@ -562,7 +564,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         z, labels[t0:t1], is_loss_token[t0:t1], lse[t0:t1], g, ctx.vocab_start + v0
                     )
                 if need_dh:
-                    dh_acc[t0:t1] += _mm_fp32(dz, w_chunk)
+                    # Row blocks bound the fp32 temporary of the product to ~16 MB.
+                    step = max(1, (1 << 22) // H)
+                    for r0 in range(0, t1 - t0, step):
+                        r1 = min(r0 + step, t1 - t0)
+                        dh_acc[t0 + r0 : t0 + r1] += _mm_fp32(dz[r0:r1], w_chunk)
                 if need_dw:
                     if one_token_chunk and dz.dtype == weight.dtype:
                         torch.mm(dz.T, hidden[t0:t1], out=dw[v0:v1])
@@ -803,7 +809,7 @@ def token_balanced_cross_entropy(
             under ``TRITON_INTERPRET=1``), "torch".
         chunk_tokens, chunk_vocab: chunk sizes of the backward and of the PyTorch path
             (``chunk_vocab`` also sets the vocabulary split width of the Triton forward).
-            Default: chosen so one chunk holds at most 2²⁶ (CUDA) / 2²² (CPU) logits.
+            Default: chosen so one chunk holds at most 2²⁵ (CUDA) / 2²² (CPU) logits.
         validate: check label values (needs a host sync); default: only for CPU tensors.
 
     Returns:
