@@ -135,6 +135,7 @@ def main(argv=None) -> int:
             plot_balance(plan, a.output / "balance.png")
             plot_steps(plan, a.output / "steps.png")
         print(json.dumps(rep, indent=2) if a.json else report_markdown(rep, f"Plan report: {name}"), end="")
+        sys.stdout.flush()
         print(f"wrote {path}, {a.output / 'report.json'}, {a.output / 'report.md'}", file=sys.stderr)
         return 0
     except (ConfigError, PlanInputError, FileNotFoundError, ValueError) as e:

@@ -322,7 +322,10 @@ class Plan:
         ) as zf:
             for name, arr in entries.items():
                 buf = io.BytesIO()
-                np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+                arr = np.asarray(arr)
+                if arr.ndim:  # ascontiguousarray would turn the 0-d meta string into shape (1,)
+                    arr = np.ascontiguousarray(arr)
+                np.lib.format.write_array(buf, arr, allow_pickle=False)
                 info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info.external_attr = 0o644 << 16
@@ -353,7 +356,7 @@ def load_plan(path: str | Path, *, fingerprint: str | None = None, lengths: np.n
         raise PlanFormatError(f"{path}: not a readable plan file ({e})") from None
     if "meta" not in data:
         raise PlanFormatError(f"{path}: no 'meta' entry; not a megatron-hbp plan")
-    meta = json.loads(str(data.pop("meta")))
+    meta = json.loads(str(data.pop("meta").reshape(())))
     if meta.get("format") != PLAN_FORMAT:
         raise PlanFormatError(f"{path}: format {meta.get('format')!r}, expected {PLAN_FORMAT!r}")
     if meta.get("version") != PLAN_VERSION:
