@@ -457,3 +457,102 @@ def test_peak_memory_stays_near_the_largest_tensor(tmp_path):
     print(f"model {model_mb:.0f} MB, largest tensor {largest_mb:.1f} MB, peak RSS growth {r}")
     assert model_mb > 150
     assert grow < 4 * largest_mb + 40, (grow, largest_mb, model_mb)
+
+
+# ---------------------------------------------------------------- training checkpoints and the CLI
+
+
+def _training_checkpoint(
+    tmp_path: Path, src_cfg: dict, dtype: torch.dtype, tp: int
+) -> dict[str, torch.Tensor]:
+    """A checkpoint in the trainer's layout (megatron_hbp.mcore.checkpoint): step_<N>/rank_<R>.pt
+    with a 'model' state dict, meta.json with the model config, and 'latest'."""
+    src = hf_tensors(src_cfg, dtype, seed=5)
+    meta = hf_to_megatron(write_hf(tmp_path / "hf", src_cfg, src), tmp_path / "mg", tp=tp, progress=False)
+    step = tmp_path / "ckpt" / "step_6"
+    step.mkdir(parents=True)
+    for r in range(tp):
+        model = load_file(tmp_path / "mg" / f"model_tp{r:02d}.safetensors")
+        model["decoder.layers.0.self_attention.linear_proj._extra_state"] = None  # like Megatron's
+        torch.save(
+            {"steps_done": 6, "model": model, "optimizer": {"state": {}}, "rng": {}},
+            step / f"rank_{r:05d}.pt",
+        )
+    for r in range(tp, 2 * tp):  # data-parallel replicas: not read
+        (step / f"rank_{r:05d}.pt").write_bytes(b"not read")
+    (step / "meta.json").write_text(
+        json.dumps({"model": meta["model_config"], "tp": tp, "pp": 1, "steps_done": 6})
+    )
+    (tmp_path / "ckpt" / "latest").write_text("step_6\n")
+    return src
+
+
+def test_training_checkpoint_exports_bit_exact_with_a_sentencepiece_tokenizer(tmp_path):
+    src = _training_checkpoint(tmp_path, LLAMA, torch.float32, tp=2)
+    from megatron_hbp.data import default_tokenizer_path
+
+    megatron_to_hf(tmp_path / "ckpt", tmp_path / "out", tokenizer=default_tokenizer_path(), progress=False)
+    back = read_hf_dir(tmp_path / "out")
+    assert sorted(back) == sorted(src) and all(torch.equal(back[n], t) for n, t in src.items())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_scaling"]["rope_type"] == "llama3"
+    assert (
+        config_differences(model_config_from_hf(tmp_path / "out"), model_config_from_hf(tmp_path / "hf"))
+        == []
+    )
+    tok = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert (tok["bos_token"], tok["eos_token"]) == ("<s>", "</s>")  # mistral v1 SentencePiece ids 1, 2
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == default_tokenizer_path().read_bytes()
+
+
+def test_training_checkpoint_errors(tmp_path):
+    _training_checkpoint(tmp_path, QWEN2, torch.float32, tp=2)
+    step = tmp_path / "ckpt" / "step_6"
+    (tmp_path / "LLAMA").mkdir()
+    (tmp_path / "LLAMA" / "config.json").write_text(json.dumps(LLAMA))
+    with pytest.raises(ValueError, match=r"does not describe the checkpoint's model: .*tie_embeddings"):
+        megatron_to_hf(step, tmp_path / "out", hf_config=tmp_path / "LLAMA", progress=False)
+    (step / "rank_00001.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing rank_00001.pt \(tensor-parallel rank 1 of 2\)"):
+        megatron_to_hf(step, tmp_path / "out", progress=False)
+    meta = json.loads((step / "meta.json").read_text())
+    (step / "meta.json").write_text(json.dumps(meta | {"pp": 2}))
+    with pytest.raises(ValueError, match="pipeline parallel size 1 only"):
+        megatron_to_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="neither convert_meta.json"):
+        megatron_to_hf(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_cli(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import convert_checkpoint as cli
+    finally:
+        sys.path.pop(0)
+    src = hf_tensors(QWEN2, torch.bfloat16)
+    hf = write_hf(tmp_path / "hf", QWEN2, src)
+    assert (
+        cli.main(
+            [
+                "hf-to-megatron",
+                "--hf",
+                str(hf),
+                "--tp",
+                "2",
+                "--output",
+                str(tmp_path / "mg"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "vocab 300 padded to 512" in capsys.readouterr().out
+    argv = ["megatron-to-hf", "--checkpoint", str(tmp_path / "mg"), "--output", str(tmp_path / "out")]
+    assert cli.main([*argv, "--max-shard-size", "20KB", "--no-progress"]) == 0
+    back = read_hf_dir(tmp_path / "out")
+    assert all(torch.equal(back[n], t) for n, t in src.items())
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    bad = ["hf-to-megatron", "--hf", str(hf), "--tp", "4", "--output", str(tmp_path / "x"), "--no-progress"]
+    assert cli.main(bad) == 2
+    assert "TP=4 does not divide" in capsys.readouterr().err
+    assert cli._size("5GB") == 5 * 10**9 and cli._size("2MiB") == 2 * 2**20 and cli._size("1000") == 1000

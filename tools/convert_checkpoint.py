@@ -48,12 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     a.add_argument("--output", required=True, type=Path, help="output directory")
     b = sub.add_parser("megatron-to-hf", help="converted/trained Megatron checkpoint -> HF directory")
-    b.add_argument("--checkpoint", required=True, type=Path, help="directory written by hf-to-megatron")
+    b.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="directory written by hf-to-megatron, or a training checkpoint (step_<N> folder, or the "
+        "checkpoint dir with its 'latest' file)",
+    )
     b.add_argument("--output", required=True, type=Path, help="output HF directory")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     b.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the weights (default: keep their dtype)")
     b.add_argument(
-        "--tokenizer", type=Path, help="copy tokenizer files from here (default: the checkpoint's)"
+        "--tokenizer",
+        type=Path,
+        help="tokenizer to ship: a HF directory, tokenizer.json or SentencePiece .model "
+        "(default: the files hf-to-megatron copied)",
+    )
+    b.add_argument(
+        "--hf-config",
+        type=Path,
+        help="config.json (or its directory) to write, e.g. the original model's (keeps bos/eos ids); "
+        "default: the converted one, or one made from the model config",
     )
     for q in (a, b):
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -78,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.output,
                 max_shard_size=_size(args.max_shard_size),
                 dtype=_DTYPES[args.dtype] if args.dtype else None,
-                tokenizer_dir=args.tokenizer,
+                tokenizer=args.tokenizer,
+                hf_config=args.hf_config,
                 progress=not args.no_progress,
             )
             print(f"wrote {args.output}: config.json + {len(files)} safetensors file(s)")

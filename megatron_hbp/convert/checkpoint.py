@@ -446,28 +446,115 @@ def export_hf(
     return [out / n for n in names]
 
 
+def training_checkpoint_sources(path: str | Path) -> tuple[list[TensorSource], ModelConfig, Path]:
+    """TP rank sources of a checkpoint written by the trainer (``megatron_hbp.mcore.checkpoint``).
+
+    ``path`` is a ``step_<N>`` folder (``meta.json`` + ``rank_<RRRRR>.pt``) or the checkpoint
+    directory with a ``latest`` file. Global ranks 0..tp-1 are the TP ranks of data-parallel
+    rank 0 (Megatron's default rank order, tp fastest); their ``"model"`` state dicts are
+    memory-mapped, not loaded. Pipeline parallelism (pp > 1) is refused.
+    """
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{path}: neither {META_NAME} (hf-to-megatron output) nor meta.json (a training checkpoint "
+            "step_<N> folder, or its parent with a 'latest' file)"
+        )
+    meta = json.loads(meta_path.read_text())
+    for key in ("model", "tp"):
+        if key not in meta:
+            raise ValueError(f"{meta_path}: no '{key}' entry; not a megatron-hbp training checkpoint")
+    if int(meta.get("pp", 1)) != 1:
+        raise ValueError(f"{meta_path}: pp={meta['pp']}; export supports pipeline parallel size 1 only")
+    cfg = from_dict(ModelConfig, meta["model"], str(meta_path))
+    sources = []
+    for r in range(int(meta["tp"])):
+        f = path / f"rank_{r:05d}.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: missing {f.name} (tensor-parallel rank {r} of {meta['tp']})")
+        state = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+        model_state = state.get("model") if isinstance(state, dict) else None
+        if not isinstance(model_state, dict):
+            raise ValueError(f"{f}: no 'model' state dict")
+        model_state = {
+            k.removeprefix("module."): v for k, v in model_state.items() if isinstance(v, torch.Tensor)
+        }
+        sources.append(TensorSource.from_state_dict(model_state, str(f)))
+    return sources, cfg, path
+
+
+def _tokenizer_side_files(tokenizer: Path, out: Path) -> None:
+    """Copy a tokenizer (a HF directory's files, a ``tokenizer.json``, or a SentencePiece model)."""
+    if tokenizer.is_dir():
+        for f in tokenizer.iterdir():
+            if f.is_file() and f.name in TOKENIZER_FILES:
+                shutil.copy2(f, out / f.name)
+        return
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
+    if tokenizer.name.endswith(".json"):
+        shutil.copy2(tokenizer, out / "tokenizer.json")
+        return
+    # A SentencePiece model: transformers' LlamaTokenizer reads tokenizer.model + this config.
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    shutil.copy2(tokenizer, out / "tokenizer.model")
+    conf = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
+    for key, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
+        if i >= 0:
+            conf[key] = sp.id_to_piece(i)
+    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+
+
 def megatron_to_hf(
     checkpoint_dir: str | Path,
     output_dir: str | Path,
     *,
     max_shard_size: int = 5 * 1024**3,
     dtype: torch.dtype | None = None,
-    tokenizer_dir: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    hf_config: str | Path | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Export a converted checkpoint directory (``hf_to_megatron`` layout) to a HF directory."""
+    """Export to a HF directory: a converted checkpoint (``hf_to_megatron`` layout) or a training
+    checkpoint (``step_<N>`` folder or its parent with ``latest``).
+
+    ``tokenizer``: a HF directory, a ``tokenizer.json`` or a SentencePiece ``.model`` to ship
+    with the weights (default: the files the conversion copied, if any). ``hf_config``: a
+    ``config.json`` (or its directory) to write instead of one made from the model config,
+    e.g. the one of the model the fine-tuning started from (keeps bos/eos ids); it must
+    describe the same shapes.
+    """
     d = Path(checkpoint_dir)
-    meta, cfg = read_meta(d)
-    sources = [TensorSource.from_safetensors(d / f) for f in meta["files"]]
-    hf_config = read_hf_config(d / HF_CONFIG_NAME) if (d / HF_CONFIG_NAME).is_file() else None
-    tok = tokenizer_dir if tokenizer_dir is not None else d / TOKENIZER_DIR
-    return export_hf(
+    config_dict = None
+    if (d / META_NAME).is_file():
+        meta, cfg = read_meta(d)
+        sources = [TensorSource.from_safetensors(d / f) for f in meta["files"]]
+        if (d / HF_CONFIG_NAME).is_file():
+            config_dict = read_hf_config(d / HF_CONFIG_NAME)
+        default_tok = d / TOKENIZER_DIR
+    else:
+        sources, cfg, _ = training_checkpoint_sources(d)
+        default_tok = None
+    if hf_config is not None:
+        diff = config_differences(model_config_from_hf(hf_config), cfg)
+        if diff:
+            raise ValueError(f"{hf_config} does not describe the checkpoint's model: {'; '.join(diff)}")
+        config_dict = read_hf_config(hf_config)
+    files = export_hf(
         sources,
         cfg,
         output_dir,
-        hf_config=hf_config,
-        tokenizer_dir=tok,
+        hf_config=config_dict,
+        tokenizer_dir=default_tok if tokenizer is None else None,
         max_shard_size=max_shard_size,
         dtype=dtype,
         progress=progress,
     )
+    if tokenizer is not None:
+        _tokenizer_side_files(Path(tokenizer), Path(output_dir))
+    return files
