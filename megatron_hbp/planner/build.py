@@ -78,14 +78,21 @@ def _check_inputs(lengths, loss_tokens) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Timer:
+    """Wall (``t``) and CPU (``cpu``) seconds per stage."""
+
+    STAGES = ("grouping", "packing", "greedy_fill", "balancing", "ordering")
+
     def __init__(self):
-        self.t = dict.fromkeys(("grouping", "packing", "greedy_fill", "balancing", "ordering"), 0.0)
+        self.t = dict.fromkeys(self.STAGES, 0.0)
+        self.cpu = dict.fromkeys(self.STAGES, 0.0)
         self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
 
     def lap(self, name: str) -> None:
-        now = time.perf_counter()
+        now, cnow = time.perf_counter(), time.process_time()
         self.t[name] += now - self._t0
-        self._t0 = now
+        self.cpu[name] += cnow - self._c0
+        self._t0, self._c0 = now, cnow
 
 
 def _interleave(seqs: list[np.ndarray]) -> np.ndarray:
@@ -133,6 +140,19 @@ def order_steps(
         used[head] = True
         per = [p[~used[p]] for p in per]
     return np.concatenate([head, _interleave(per)]).astype(np.int64)
+
+
+def _closest_run(sorted_costs: np.ndarray, w: int) -> int:
+    """Start of the length-``w`` window of ascending ``sorted_costs`` with the smallest
+    (max - min) / mean; 0 when ``w`` is 0 or covers everything."""
+    n = len(sorted_costs)
+    if w <= 0 or w >= n:
+        return 0
+    c = sorted_costs.astype(np.float64)
+    csum = np.concatenate([[0.0], np.cumsum(c)])
+    mean = (csum[w:] - csum[:-w]) / w
+    spread = (c[w - 1 :] - c[: n - w + 1]) / np.maximum(mean, 1e-300)
+    return int(np.argmin(spread))
 
 
 def _pack_group(sizes: np.ndarray, cap: int, config: PlanConfig, rng: np.random.Generator) -> np.ndarray:
@@ -191,46 +211,44 @@ def _plan_epoch(lengths, loss_tokens, gid, config: PlanConfig, epoch: int, timer
         loss = np.bincount(pack_of, weights=loss_tokens[samp], minlength=nb).astype(np.int64)
         timer.lap("packing")
 
-        # Last partial step: the least-full packs are the leftovers.
+        # Last partial step. Packs that must go are the least full; the extra step of "pad" or
+        # "shrink" takes the run of packs, consecutive in cost order, whose costs are closest
+        # (so that short step balances too; removing a run keeps the rest sorted-contiguous).
         R, m = config.replicas(g), config.micro_batches(g)
         per_step = R * m
-        S = nb // per_step
-        q = nb - S * per_step
+        q = nb % per_step
         cost = pack_cost(pad, attn, config.cost_linear_coef)
-        if q:
-            by_fill = np.lexsort((np.arange(nb), attn, tok))  # least tokens first
-            left, full = np.sort(by_fill[:q]), np.sort(by_fill[q:])
-        else:
-            left, full = np.zeros(0, np.int64), np.arange(nb)
+        key = cost if config.balance == "lpt" else attn.astype(np.float64)
+        mm, n_drop, n_empty = 0, q, 0
+        if q and config.last_step == "pad":
+            mm, n_drop, n_empty = m, 0, per_step - q
+        elif q and config.last_step == "shrink":
+            mm = q // R
+            n_drop = q - mm * R
+        by_fill = np.lexsort((np.arange(nb), attn, tok))  # least tokens first
+        dropped_packs = np.sort(by_fill[:n_drop])
+        kept = np.sort(by_fill[n_drop:])
+        n_extra = q - n_drop
+        by_cost = kept[np.lexsort((kept, key[kept]))]
+        w0 = _closest_run(key[by_cost], n_extra)
+        extra = np.sort(by_cost[w0 : w0 + n_extra])
+        full = np.sort(np.concatenate([by_cost[:w0], by_cost[w0 + n_extra :]]))
         lay_pos = balance_layout(
             config.balance, attn[full], cost[full], R, m, rng, config.balance_swap_iterations
         )
         layout = full[lay_pos]
         for s in range(len(layout)):
             steps.append((g, m, layout[s].reshape(-1)))
-        if q:
-            if config.last_step == "pad":
-                cand = left
-                mm, n_empty = m, per_step - q
-            elif config.last_step == "shrink":
-                mm = q // R
-                keep = left[np.argsort(-tok[left], kind="stable")[: mm * R]]
-                cand, n_empty = np.sort(keep), 0
-            else:
-                mm, cand, n_empty = 0, left[:0], 0
-            dropped_packs = np.setdiff1d(left, cand)
-            if mm:
-                # Empty packs get cost 0 and id -1.
-                ids = np.concatenate([cand, np.full(n_empty, -1, dtype=np.int64)])
-                c_attn = np.concatenate([attn[cand], np.zeros(n_empty, np.int64)])
-                c_cost = np.concatenate([cost[cand], np.zeros(n_empty)])
-                lay = balance_layout(
-                    config.balance, c_attn, c_cost, R, mm, rng, config.balance_swap_iterations
-                )
-                steps.append((g, mm, ids[lay[0]].reshape(-1)))
-            if len(dropped_packs):
-                ds = np.concatenate([samp[off[p] : off[p + 1]] for p in dropped_packs])
-                drops.append((ds, PARTIAL))
+        if mm:
+            # Empty packs get cost 0 and id -1.
+            ids = np.concatenate([extra, np.full(n_empty, -1, dtype=np.int64)])
+            c_attn = np.concatenate([attn[extra], np.zeros(n_empty, np.int64)])
+            c_cost = np.concatenate([cost[extra], np.zeros(n_empty)])
+            lay = balance_layout(config.balance, c_attn, c_cost, R, mm, rng, config.balance_swap_iterations)
+            steps.append((g, mm, ids[lay[0]].reshape(-1)))
+        if len(dropped_packs):
+            ds = np.concatenate([samp[off[p] : off[p + 1]] for p in dropped_packs])
+            drops.append((ds, PARTIAL))
         _record_balance(stats, g, config, attn[full], cost[full], R, m, rng, lay_pos)
         timer.lap("balancing")
         bases[g] = pack_base
@@ -377,6 +395,7 @@ def build_plan(
     }
     timer.lap("ordering")
     stats["stage_seconds"] = dict(timer.t)
+    stats["stage_cpu_seconds"] = dict(timer.cpu)
     stats["plan_seconds"] = time.perf_counter() - t_start
     stats["plan_cpu_seconds"] = time.process_time() - c_start
     return Plan(

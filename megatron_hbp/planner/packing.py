@@ -109,22 +109,23 @@ def stable_argsort_int(keys: np.ndarray) -> np.ndarray:
 def _sorted_desc(sizes: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """Item indices by decreasing size; ties in random (seeded) order, or by index without rng.
 
-    Sizes are mapped to a dense uint16 key when possible (divided by their common multiple,
-    e.g. 2*cp), so NumPy's stable sort is an O(n) radix sort.
+    Two stable O(n) radix passes over 16-bit keys: first by a random 16-bit tie key, then by the
+    size mapped to a dense uint16 key (divided by the sizes' common step, e.g. 2*cp) when it fits.
     """
     n = len(sizes)
-    perm = rng.permutation(n) if rng is not None else None
-    s = sizes if perm is None else sizes[perm]
-    s = s.astype(np.int64, copy=False)
+    s = np.asarray(sizes)
     mx = int(s.max())
-    key = mx - s
-    step = int(np.gcd.reduce(key)) if mx > 65535 else 1
-    if step > 1:
-        key //= step
+    key = mx - s.astype(np.int64)
+    if mx > 65535:
+        step = int(np.gcd.reduce(key))
+        if step > 1:
+            key //= step
     if int(key.max()) <= 65535:
         key = key.astype(np.uint16)
-    order = np.argsort(key, kind="stable")
-    return order if perm is None else perm[order]
+    if rng is None:
+        return np.argsort(key, kind="stable")
+    tie = np.argsort(rng.integers(0, 65536, n, dtype=np.uint16), kind="stable")
+    return tie[np.argsort(key[tie], kind="stable")]
 
 
 def best_fit_decreasing(
