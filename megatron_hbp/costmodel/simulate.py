@@ -170,12 +170,14 @@ def global_batches(lengths: np.ndarray, tokens_per_step: int, seed: int = 0) -> 
     (a batch closes before the sample that would exceed the budget; the last may be short)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     order = np.random.default_rng(seed).permutation(len(lengths))
-    csum = np.cumsum(lengths[order])
-    cuts = np.searchsorted(
-        csum, np.arange(tokens_per_step, int(csum[-1]) + tokens_per_step, tokens_per_step), "right"
-    )
-    cuts = np.unique(np.concatenate([[0], np.minimum(cuts, len(order)), [len(order)]]))
-    return [order[cuts[i] : cuts[i + 1]] for i in range(len(cuts) - 1) if cuts[i + 1] > cuts[i]]
+    csum = np.concatenate([[0], np.cumsum(lengths[order])])
+    out, start, n = [], 0, len(order)
+    while start < n:
+        end = int(np.searchsorted(csum, csum[start] + tokens_per_step, "right")) - 1
+        end = max(end, start + 1)  # a sample longer than the budget is a batch of its own
+        out.append(order[start:end])
+        start = end
+    return out
 
 
 def simulate_dynamic_cp(
