@@ -14,7 +14,8 @@ packed sequences). A query at real position ``q < l`` attends to the ``q + 1`` k
 
 so rank ``r`` gets ``P(r·c, (r+1)·c) + P((2cp−1−r)·c, (2cp−r)·c)`` from each document: O(1)
 per (document, rank), O(docs·cp) per call, independent of the number of tokens. With
-``cp = 1`` the entry is Σ l(l+1)/2. All arithmetic is int64 (exact up to 2⁶³).
+``cp = 1`` the entry is Σ l(l+1)/2. Counts are int64 (exact up to 2⁶³); the kernel keeps
+chunk bounds in int32 (lengths up to 2³¹ − 2·cp) and widens only for the products.
 
 Layout: Triton kernel (one program per block of packs, a loop over the document slots of
 those packs), a PyTorch reference that is also the CPU fallback (chunked over documents,
@@ -32,9 +33,14 @@ from .utils import cdiv, resolve_backend
 
 __all__ = ["attention_cost", "attention_cost_reference", "attention_pairs_to_flops"]
 
-# Largest document length for which the int64 formula cannot overflow (n(n+1) < 2^63 with
-# n ≤ l + 2cp); far above any real sequence, checked only when validating on the host.
-_MAX_DOC_LENGTH = 2**31 - 1
+
+def _max_doc_length(cp: int) -> int:
+    """Longest document the kernel handles exactly: its padded length 2·cp·ceil(l/(2·cp)) must
+    fit in int32 (the kernel's index math). Far above any real sequence; checked only when
+    validating on the host (CUDA inputs are not checked, to avoid a sync)."""
+    return 2**31 - 2 * cp
+
+
 _REFERENCE_CHUNK_DOCS = 1 << 20
 
 
@@ -43,10 +49,10 @@ _REFERENCE_CHUNK_DOCS = 1 << 20
 
 @triton.jit
 def _pairs_in(a, b, length):
-    """Causal pairs of the queries in [a, b) clipped to the real length (int64)."""
-    hi = tl.minimum(b, length)
-    lo = tl.minimum(a, length)
-    return ((hi - lo) * (hi + lo + 1)) // 2
+    """Causal pairs of the queries in [a, b) clipped to the real length: int32 bounds, int64 count."""
+    hi = tl.minimum(b, length).to(tl.int64)
+    lo = tl.minimum(a, length).to(tl.int64)
+    return (hi - lo) * (hi + lo + 1)  # twice the count; always even, halved once by the caller
 
 
 @triton.jit
@@ -67,17 +73,19 @@ def _attention_cost_kernel(
     count = tl.where(mask_p, end - start, 0)
     max_count = tl.max(count, axis=0)
 
-    rank = tl.arange(0, CP_POW2).to(tl.int64)[None, :]
+    rank = tl.arange(0, CP_POW2)[None, :]
     acc = tl.zeros([BLOCK_P, CP_POW2], dtype=tl.int64)
     # Slot i of every pack in the block; packs with fewer documents mask it off, so the
     # loop runs max(docs per pack in this block) times and reads each length once.
     for i in range(0, max_count):
         valid = i < count
-        length = tl.load(lengths_ptr + start + i, mask=valid, other=0).to(tl.int64)[:, None]
-        chunk = (length + (2 * CP - 1)) // (2 * CP)
-        first = _pairs_in(rank * chunk, (rank + 1) * chunk, length)
-        second = _pairs_in((2 * CP - 1 - rank) * chunk, (2 * CP - rank) * chunk, length)
-        acc += first + second
+        # Chunk bounds stay below 2^31 for lengths <= _max_doc_length(cp): 32-bit index math,
+        # 64-bit only for the products (the count of one document can exceed 2^31).
+        length = tl.load(lengths_ptr + start + i, mask=valid, other=0).to(tl.int32)[:, None]
+        chunk = length // (2 * CP) + (length % (2 * CP) != 0).to(tl.int32)
+        first = rank * chunk
+        second = (2 * CP - 1 - rank) * chunk
+        acc += (_pairs_in(first, first + chunk, length) + _pairs_in(second, second + chunk, length)) >> 1
     out_mask = mask_p[:, None] & (rank < CP)
     tl.store(out_ptr + offs_p[:, None] * CP + rank, acc, mask=out_mask)
 
@@ -167,9 +175,10 @@ def _validate(doc_lengths: torch.Tensor, pack_offsets: torch.Tensor, cp: int, ch
     num_docs = doc_lengths.numel()
     if num_docs and int(doc_lengths.min()) < 0:
         raise ValueError(f"{where}: doc_lengths must be >= 0; found {int(doc_lengths.min())}")
-    if num_docs and int(doc_lengths.max()) > _MAX_DOC_LENGTH:
+    if num_docs and int(doc_lengths.max()) > _max_doc_length(cp):
         raise ValueError(
-            f"{where}: a document length exceeds {_MAX_DOC_LENGTH}; the int64 count could overflow"
+            f"{where}: a document length {int(doc_lengths.max())} exceeds {_max_doc_length(cp)} (2^31 - 2*cp), "
+            "the longest supported; split the document"
         )
     offsets = pack_offsets.to(torch.int64)
     if int(offsets[0]) < 0 or int(offsets[-1]) > num_docs:
@@ -196,7 +205,8 @@ def attention_cost(
     """Causal attention (query, key) pairs per pack and context-parallel rank.
 
     Args:
-        doc_lengths: ``[num_docs]`` int32/int64, real token length of every document (≥ 0).
+        doc_lengths: ``[num_docs]`` int32/int64, real token length of every document
+            (0 ≤ l ≤ 2³¹ − 2·cp).
         pack_offsets: ``[num_packs + 1]`` int32/int64, non-decreasing; pack ``p`` holds the
             documents ``pack_offsets[p] : pack_offsets[p + 1]`` (empty packs allowed).
         cp: context-parallel degree ≥ 1. Each document is padded to a multiple of ``2·cp``
