@@ -186,7 +186,7 @@ def plot_length_histogram(lengths: np.ndarray, pack_lengths: list[int], path: st
 
 def plot_balance(plan: Plan, path: str | Path) -> Path:
     """Per-step max/mean replica attention cost (sum l^2) before balancing (random order) and
-    after (sort, and the configured method), one panel per group."""
+    after (sort, and lpt), one panel per group; y = max/mean - 1 on a log axis (floor 1e-7)."""
     plt = _plt()
     bal = plan.stats.get("balance", {})
     groups = sorted(bal)
@@ -199,13 +199,14 @@ def plot_balance(plan: Plan, path: str | Path) -> Path:
                 continue
             v = np.concatenate(bal[g][method]["attn"])
             label = {"none": "no balancing", "sort": "sort (paper)", "lpt": "lpt (ours)"}[method]
+            y = np.maximum(v - 1.0, 1e-7)
             ax.plot(
-                np.arange(len(v)), v, ".", ms=2.5, color=colors[method], label=f"{label}: mean {v.mean():.4f}"
+                np.arange(len(v)), y, ".", ms=2.5, color=colors[method], label=f"{label}: mean {v.mean():.5f}"
             )
         grp = plan.groups[g]
         ax.set_yscale("log")
         ax.set_xlabel("step (heaviest first for sort/lpt)")
-        ax.set_ylabel("max / mean replica sum l^2")
+        ax.set_ylabel("max/mean replica sum l^2  - 1")
         ax.set_title(f"group {g}: {grp.pack_length // 1024}K, cp {grp.cp}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
