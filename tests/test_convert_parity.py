@@ -9,6 +9,8 @@ state and the CPU shim are process-global. TP=2 runs as two gloo processes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -101,8 +103,13 @@ def hf_runs(tmp_path_factory):
 def megatron_logits(hf_runs, tmp_path_factory):
     """``{(arch, tp): logits [T_padded, V]}`` from ONE 2-process launch (imports dominate the cost):
     TP=1 (rank 0: llama, rank 1: qwen2), then TP=2 for both."""
+    from megatron_hbp.convert import hf_to_megatron
+
     root = tmp_path_factory.mktemp("megatron")
     job = {arch: {"dir": str(r["dir"]), "docs": r["docs"]} for arch, r in hf_runs.items()}
+    # LLaMA at TP=2 goes through converted files (load_converted_into_model), the rest on the fly.
+    hf_to_megatron(hf_runs["llama"]["dir"], root / "llama_tp2", tp=2, progress=False)
+    job["llama"]["converted_tp2"] = str(root / "llama_tp2")
     torch.save({"job": job, "padded": PADDED_LENGTHS}, root / "in.pt")
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
     procs = [
@@ -117,7 +124,9 @@ def megatron_logits(hf_runs, tmp_path_factory):
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-    return {(arch, tp): torch.load(root / f"{arch}_tp{tp}.pt") for arch in job for tp in (1, 2)}
+    out = {(arch, tp): torch.load(root / f"{arch}_tp{tp}.pt") for arch in job for tp in (1, 2)}
+    out["trained"] = (root / "trained", torch.load(root / "trained_logits.pt"))
+    return out
 
 
 @pytest.mark.slow
@@ -136,8 +145,9 @@ def test_logits_match_transformers_document_by_document(hf_runs, megatron_logits
         start += padded
 
 
-def test_exported_model_loads_in_transformers(hf_runs, tmp_path):
-    """HF (transformers save_pretrained) -> Megatron TP 2 -> HF loads in transformers, same logits."""
+def test_exported_model_loads_in_transformers_and_generates(hf_runs, tmp_path):
+    """HF (transformers save_pretrained) -> Megatron TP 2 -> HF: transformers loads it, gives the
+    same logits, and greedy generation matches the original model's."""
     from megatron_hbp.convert import hf_to_megatron, megatron_to_hf
 
     run = hf_runs["qwen2"]
@@ -145,9 +155,38 @@ def test_exported_model_loads_in_transformers(hf_runs, tmp_path):
     megatron_to_hf(tmp_path / "mg", tmp_path / "hf", max_shard_size=100_000, progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.tie_word_embeddings
+    prompt = run["docs"][2][None]
     with torch.no_grad():
-        got = model(input_ids=run["docs"][2][None]).logits[0]
-    assert torch.equal(got, run["ref"][2])
+        assert torch.equal(model(input_ids=prompt).logits[0], run["ref"][2])
+        original = transformers.AutoModelForCausalLM.from_pretrained(run["dir"]).eval()
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        out = model.generate(prompt, **kw)
+        assert out.shape == (1, prompt.shape[1] + 6)
+        assert torch.equal(out, original.generate(prompt, **kw))
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_exports_to_transformers_with_the_same_logits(hf_runs, megatron_logits, tmp_path):
+    """Megatron weights saved by the trainer's layout (TP 2, random 'fine-tuned' values, Qwen2:
+    biases + tied) -> megatron-to-hf -> transformers: same packed logits per document, generates."""
+    from megatron_hbp.convert import megatron_to_hf
+
+    ckpt, ours = megatron_logits["trained"]
+    megatron_to_hf(ckpt, tmp_path / "hf", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    start = 0
+    with torch.no_grad():
+        for i, (doc, padded) in enumerate(zip(hf_runs["qwen2"]["docs"], PADDED_LENGTHS)):
+            ref = model(input_ids=doc[None]).logits[0]
+            rel = ((ours[start : start + len(doc)] - ref).abs().max() / ref.abs().max()).item()
+            print(f"exported doc {i}: max rel err {rel:.2e}")
+            assert rel <= TOL, (i, rel)
+            start += padded
+        out = model.generate(
+            hf_runs["qwen2"]["docs"][0][None], max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
+    assert out.shape == (1, DOC_LENGTHS[0] + 4)
 
 
 # ----------------------------------------------------------------------------- worker (subprocess)
@@ -175,6 +214,21 @@ def _packed_params(docs: list[torch.Tensor], padded: list[int]):
     return tokens, params
 
 
+def _full_logits(model, docs, padded, tp: int) -> torch.Tensor:
+    """fp32 ``[T_padded, Vp]``: the packed forward, vocab-parallel shards gathered."""
+    from megatron.core import parallel_state
+
+    tokens, params = _packed_params(docs, padded)
+    with torch.no_grad():
+        logits = model(tokens[None], None, None, packed_seq_params=params)  # [1, T, Vp/tp]
+    logits = logits.reshape(tokens.shape[0], -1).contiguous()
+    if tp > 1:
+        parts = [torch.empty_like(logits) for _ in range(tp)]
+        torch.distributed.all_gather(parts, logits, group=parallel_state.get_tensor_model_parallel_group())
+        logits = torch.cat(parts, dim=-1)
+    return logits
+
+
 def _worker(root: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     from megatron_hbp.mcore.shim import install_cpu_shim
@@ -184,7 +238,7 @@ def _worker(root: str) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_hbp.convert import load_hf_into_model, model_config_from_hf
+    from megatron_hbp.convert import load_converted_into_model, load_hf_into_model, model_config_from_hf
     from megatron_hbp.mcore.model import build_model
 
     inp = torch.load(Path(root) / "in.pt")
@@ -197,19 +251,33 @@ def _worker(root: str) -> None:
             hf_dir = inp["job"][arch]["dir"]
             cfg = model_config_from_hf(hf_dir)
             model = build_model(cfg, tp=tp, dtype=torch.float32, attention_backend="sdpa").eval()
-            load_hf_into_model(model, hf_dir, model_cfg=cfg, tp_rank=tp_rank, tp_size=tp)
-            tokens, params = _packed_params(inp["job"][arch]["docs"], inp["padded"])
-            with torch.no_grad():
-                logits = model(tokens[None], None, None, packed_seq_params=params)  # [1, T, Vp/tp]
-            logits = logits.reshape(tokens.shape[0], -1).contiguous()
-            if tp > 1:  # vocab-parallel shards -> the full vocabulary
-                parts = [torch.empty_like(logits) for _ in range(tp)]
-                torch.distributed.all_gather(
-                    parts, logits, group=parallel_state.get_tensor_model_parallel_group()
-                )
-                logits = torch.cat(parts, dim=-1)
+            converted = inp["job"][arch].get(f"converted_tp{tp}")
+            if converted:
+                load_converted_into_model(model, converted, tp_rank=tp_rank)
+            else:
+                load_hf_into_model(model, hf_dir, model_cfg=cfg, tp_rank=tp_rank, tp_size=tp)
+            logits = _full_logits(model, inp["job"][arch]["docs"], inp["padded"], tp)
             if tp_rank == 0:
                 torch.save(logits[:, : cfg.vocab_size].clone(), Path(root) / f"{arch}_tp{tp}.pt")
+        if tp == 2:  # a "fine-tuned" Qwen2 at TP 2 saved in the trainer's layout, for the export test
+            cfg = model_config_from_hf(inp["job"]["qwen2"]["dir"])
+            model = build_model(cfg, tp=tp, dtype=torch.float32, attention_backend="sdpa").eval()
+            with torch.no_grad():
+                for name, p in model.named_parameters():  # norms identical on both ranks, shards differ
+                    g = torch.Generator().manual_seed(
+                        len(name) + (0 if "layernorm" in name else 1000 * (tp_rank + 1))
+                    )
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "layernorm" in name else 0.0))
+            step = Path(root) / "trained" / "step_3"
+            step.mkdir(parents=True, exist_ok=True)
+            torch.save({"steps_done": 3, "model": model.state_dict()}, step / f"rank_{rank:05d}.pt")
+            if rank == 0:
+                meta = {"model": dataclasses.asdict(cfg), "tp": tp, "pp": 1, "world_size": 2}
+                (step / "meta.json").write_text(json.dumps(meta))
+                (step.parent / "latest").write_text("step_3")
+            logits = _full_logits(model, inp["job"]["qwen2"]["docs"], inp["padded"], tp)
+            if tp_rank == 0:
+                torch.save(logits[:, : cfg.vocab_size].clone(), Path(root) / "trained_logits.pt")
         parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
 

@@ -3,6 +3,7 @@ round trips (TP 1 and 2, sharded, bf16 and fp32), config.json parsing, and every
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -556,3 +557,65 @@ def test_cli(tmp_path, capsys):
     assert cli.main(bad) == 2
     assert "TP=4 does not divide" in capsys.readouterr().err
     assert cli._size("5GB") == 5 * 10**9 and cli._size("2MiB") == 2 * 2**20 and cli._size("1000") == 1000
+
+
+# ---------------------------------------------------------------- loading into a model (no megatron needed)
+
+
+def _module_with(shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module:
+    """An nn.Module whose parameters have exactly these dotted names (a stand-in for GPTModel)."""
+    root = torch.nn.Module()
+    for name, shape in shapes.items():
+        *path, leaf = name.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, torch.nn.Module())
+            m = getattr(m, part)
+        m.register_parameter(leaf, torch.nn.Parameter(torch.full(shape, float("nan"))))
+    return root
+
+
+def test_load_pretrained_into_model_picks_the_rank_and_checks_the_model(tmp_path):
+    from megatron_hbp.convert import load_pretrained_into_model
+    from megatron_hbp.convert.mapping import megatron_shape
+
+    src = hf_tensors(LLAMA, torch.float32)
+    hf = write_hf(tmp_path / "hf", LLAMA, src)
+    hf_to_megatron(hf, tmp_path / "mg", tp=2, progress=False)
+    cfg = model_config_from_hf(hf)
+    shapes = {tm.megatron: megatron_shape(tm, cfg, 2, 256) for tm in tensor_maps(cfg)}
+    rank1 = load_file(tmp_path / "mg" / "model_tp01.safetensors")
+    for path in (hf, tmp_path / "mg"):  # on the fly from HF, and from the converted files
+        model = _module_with(shapes)
+        load_pretrained_into_model(model, path, model_cfg=cfg, tp_rank=1, tp_size=2)
+        for name, p in model.named_parameters():
+            assert torch.equal(p, rank1[name]), name
+    # by hand: rank 1 of the untied output layer = rows 128..255 of lm_head, zero from row 250
+    out = dict(model.named_parameters())["output_layer.weight"]
+    assert torch.equal(out[:122], src["lm_head.weight"][128:]) and not out[122:].any()
+
+    with pytest.raises(ValueError, match="converted for tp=2 but the model runs with tp=1"):
+        load_pretrained_into_model(_module_with(shapes), tmp_path / "mg", model_cfg=cfg, tp_size=1)
+    other = dataclasses.replace(cfg, num_layers=3)
+    with pytest.raises(ValueError, match="num_layers: 3 != 2"):
+        load_pretrained_into_model(_module_with(shapes), hf, model_cfg=other, tp_size=2)
+    del shapes["decoder.layers.1.mlp.linear_fc2.weight"]
+    with pytest.raises(
+        CheckpointMismatchError, match=r"not in the model \['decoder.layers.1.mlp.linear_fc2.weight'\]"
+    ):
+        load_pretrained_into_model(_module_with(shapes), hf, model_cfg=cfg, tp_rank=0, tp_size=2)
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face model directory"):
+        load_pretrained_into_model(_module_with(shapes), tmp_path, model_cfg=cfg)
+
+
+def test_find_hf_tokenizer(tmp_path):
+    from megatron_hbp.convert import find_hf_tokenizer
+
+    assert find_hf_tokenizer(tmp_path) == (None, None)
+    (tmp_path / "tokenizer.model").write_bytes(b"sp")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert find_hf_tokenizer(tmp_path) == (tmp_path / "tokenizer.model", "{{ messages }}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{% endfor %}")
+    assert find_hf_tokenizer(tmp_path) == (tmp_path / "tokenizer.json", "{% for m in messages %}{% endfor %}")

@@ -319,6 +319,61 @@ def load_converted_into_model(
     return cfg
 
 
+def load_pretrained_into_model(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    model_cfg: ModelConfig,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> ModelConfig:
+    """Initial weights for training: a HF directory (converted on the fly) or a converted
+    directory (``convert_meta.json``, its TP degree must equal ``tp_size``).
+
+    ``model_cfg`` is the config the model was built with; a checkpoint of another shape is
+    refused with the differing fields.
+    """
+    path = Path(path)
+    if (path / META_NAME).is_file():
+        meta, cfg = read_meta(path)
+        diff = config_differences(model_cfg, cfg)
+        if diff:
+            raise ValueError(f"{path}: the converted checkpoint is another model: {'; '.join(diff)}")
+        if meta["tp"] != tp_size:
+            raise ValueError(
+                f"{path} was converted for tp={meta['tp']} but the model runs with tp={tp_size}; convert "
+                f"again with --tp {tp_size}, or give the HF directory (converted on the fly)"
+            )
+        return load_converted_into_model(model, path, tp_rank=tp_rank)
+    if (path / "config.json").is_file():
+        return load_hf_into_model(model, path, model_cfg=model_cfg, tp_rank=tp_rank, tp_size=tp_size)
+    raise FileNotFoundError(
+        f"{path}: neither a Hugging Face model directory (config.json + *.safetensors) nor a converted "
+        f"checkpoint ({META_NAME})"
+    )
+
+
+def find_hf_tokenizer(hf_dir: str | Path) -> tuple[Path | None, str | None]:
+    """``(tokenizer file, chat template)`` shipped in a HF directory.
+
+    The tokenizer is ``tokenizer.json`` (preferred) or ``tokenizer.model`` (SentencePiece);
+    the chat template (Jinja source) comes from ``chat_template.jinja``, ``chat_template.json``
+    or the ``chat_template`` entry of ``tokenizer_config.json``; None where absent.
+    """
+    d = Path(hf_dir)
+    tok = next((d / n for n in ("tokenizer.json", "tokenizer.model") if (d / n).is_file()), None)
+    template = None
+    if (d / "chat_template.jinja").is_file():
+        template = (d / "chat_template.jinja").read_text()
+    elif (d / "chat_template.json").is_file():
+        template = json.loads((d / "chat_template.json").read_text()).get("chat_template")
+    elif (d / "tokenizer_config.json").is_file():
+        template = json.loads((d / "tokenizer_config.json").read_text()).get("chat_template")
+    if isinstance(template, list):  # several named templates: take "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return tok, template
+
+
 # ----------------------------------------------------------------------------- Megatron -> HF
 
 

@@ -133,7 +133,7 @@ def model_config_from_hf(config_json_path: str | Path, name: str | None = None) 
         if kv_channels is None and hidden % heads:
             raise ValueError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         return ModelConfig(
-            name=name or cfg.get("_name_or_path") or f"hf-{model_type}",
+            name=name or (path.name if path.is_dir() else path.parent.name) or f"hf-{model_type}",
             num_layers=int(cfg["num_hidden_layers"]),
             hidden_size=hidden,
             ffn_hidden_size=int(cfg["intermediate_size"]),
@@ -148,7 +148,7 @@ def model_config_from_hf(config_json_path: str | Path, name: str | None = None) 
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             add_qkv_bias=add_qkv_bias,
             init_method_std=float(cfg.get("initializer_range", 0.02)),
-            extra={"hf_model_type": model_type, "source": where},
+            extra={"hf_model_type": model_type},
         )
     except KeyError as e:
         raise ValueError(f"{where}: missing key {e.args[0]!r}") from e
