@@ -65,7 +65,8 @@ def step_metrics(plan: Plan) -> dict[str, np.ndarray]:
     starts = rep_off[:-1]
     out: dict[str, np.ndarray] = {}
     if S == 0:
-        return {k: np.zeros(0) for k in ("PR", "DBR", "ABR", "slot_ABR", "ave_tokens", "tokens", "cp")}
+        keys = ("PR", "DBR", "ABR", "slot_ABR", "ave_tokens", "tokens", "cp", "attn_max_over_mean")
+        return {k: np.zeros(0) for k in keys}
     Tsum = np.add.reduceat(T, starts)
     Asum = np.add.reduceat(A, starts)
     out["tokens"] = Tsum

@@ -72,12 +72,13 @@ def report_markdown(rep: dict, title: str = "Plan report") -> str:
     for g in rep["per_group"]:
         lines.append(
             f"| {g['group']} | {g['pack_length']} | {g['cp']} | {g['recompute_layers']} | {g['num_steps']} | "
-            f"{g['num_packs']} | {g['num_samples']} | {_f(g['token_share'], 3)} | {_f(g['PR'])} | {_f(g['DBR'])} | "
-            f"{_f(g['ABR'])} | {_f(g['CR'], 3)} | {g['ave_tokens']:.0f} | {_f(g['slot_ABR'])} |"
+            f"{g['num_packs']} | {g['num_samples']} | {_f(g['token_share'], 3)} | {_f(g['PR'], 6)} | {_f(g['DBR'], 6)} | "
+            f"{_f(g['ABR'], 6)} | {_f(g['CR'], 3)} | {g['ave_tokens']:.0f} | {_f(g['slot_ABR'], 6)} |"
         )
     lines.append(
-        f"| all | | | | {rep['num_steps']} | {rep['num_packs']} | {rep['num_placed']} | 1.000 | {_f(rep['PR'])} | "
-        f"{_f(rep['DBR'])} | {_f(rep['ABR'])} | {_f(rep['CR'], 3)} | {rep['ave_tokens']:.0f} | {_f(rep['slot_ABR'])} |"
+        f"| all | | | | {rep['num_steps']} | {rep['num_packs']} | {rep['num_placed']} | 1.000 | {_f(rep['PR'], 6)} | "
+        f"{_f(rep['DBR'], 6)} | {_f(rep['ABR'], 6)} | {_f(rep['CR'], 3)} | {rep['ave_tokens']:.0f} | "
+        f"{_f(rep['slot_ABR'], 6)} |"
     )
     if rep.get("balance"):
         lines += [
@@ -123,12 +124,13 @@ def write_report(plan: Plan, out_dir: str | Path, *, title: str = "Plan report")
 
 COMPARE_ROWS = (
     ("groups", None),
-    ("PR", 4),
-    ("DBR", 4),
-    ("ABR", 4),
-    ("CR", 3),
+    ("PR", 6),
+    ("DBR", 6),
+    ("ABR", 6),
+    ("CR", 4),
     ("ave_tokens", 0),
-    ("slot_ABR", 4),
+    ("slot_ABR", 6),
+    ("attn_max_over_mean", 6),
     ("num_steps", None),
     ("num_dropped", None),
     ("plan_seconds", 2),
