@@ -267,6 +267,12 @@ def test_two_workers_match_one_and_report_true_line(tmp_path, tok):
     write_jsonl(b, lines[300:])
     with pytest.raises(DataError, match=r"b\.jsonl\.gz:251: malformed JSON"):
         preprocess([a, b], tmp_path / "3.npz", tokenizer=tok, workers=2, chunk_bytes=2000)
+    # An error in the first chunk, with many chunks still to feed: stops promptly (no hang).
+    lines[3] = '{"messages": [{"role": "user", "content": "hi"}]}'
+    write_jsonl(a, lines[:300])
+    with pytest.raises(DataError, match=r"a\.jsonl:4: conversation has no assistant turn"):
+        preprocess([a, b], tmp_path / "4.npz", tokenizer=tok, workers=2, chunk_bytes=500)
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["1.npz", "2.npz"]
 
 
 def load_cli():

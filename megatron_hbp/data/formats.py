@@ -57,11 +57,10 @@ class LineError(ValueError):
 class DataError(ValueError):
     """A data line is bad; names the file, the 1-based line number and the problem."""
 
-    def __init__(self, file: str, line: int, reason: str):
+    def __init__(self, file: str, line: int, reason: str, *, skippable: bool = True):
         self.file, self.line, self.reason = str(file), int(line), reason
-        super().__init__(
-            f"{self.file}:{self.line}: {reason} (fix or remove the line, or pass --on-error skip to skip it)"
-        )
+        hint = " (fix or remove the line, or pass --on-error skip to skip it)" if skippable else ""
+        super().__init__(f"{self.file}:{self.line}: {reason}{hint}")
 
 
 def _content(value, what: str) -> str:
@@ -214,7 +213,9 @@ def iter_chunks(paths: list[Path], chunk_bytes: int = 1 << 20) -> Iterator[Chunk
                 try:
                     block = f.read(chunk_bytes)
                 except (OSError, EOFError, zlib.error) as e:
-                    raise DataError(path, line, f"cannot read the file after line {line - 1}: {e}") from None
+                    raise DataError(
+                        path, line, f"cannot read the file after line {line - 1}: {e}", skippable=False
+                    ) from None
                 if not block:
                     if carry:
                         yield Chunk(source, offset, line, carry, raw.tell())

@@ -187,6 +187,8 @@ _WORKER: tuple | None = None
 
 def _init_worker(tokenizer_path: str, template: str, max_length: int | None, truncate: bool) -> None:
     global _WORKER
+    # One thread per worker: --workers is the only parallelism (HF tokenizers would spawn threads).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = load_tokenizer(tokenizer_path)
     _WORKER = (CompiledTemplate(template, tok, log_fallback=False), max_length, truncate)
 
@@ -195,11 +197,16 @@ def _work(chunk: Chunk) -> _ChunkResult:
     return _process_chunk(chunk, *_WORKER)
 
 
-def _bounded(iterable, sem: threading.Semaphore):
+def _bounded(iterable, sem: threading.Semaphore, stop: threading.Event):
     # Pool.imap's feeder thread drains its input eagerly: bound the read-ahead so a large
-    # dataset is never held in memory at once.
+    # dataset is never held in memory at once. ``stop`` ends the feed when the parent gives up
+    # early (an error), so that Pool.terminate() does not wait on a feeder blocked here.
     for x in iterable:
-        sem.acquire()
+        while not sem.acquire(timeout=0.05):
+            if stop.is_set():
+                return
+        if stop.is_set():
+            return
         yield x
 
 
@@ -282,6 +289,7 @@ def preprocess(
     parts: list[_ChunkResult] = []
     n_samples = 0
     pool = None
+    stop = threading.Event()
     bar = _progress_bar(total_bytes, progress)
     try:
         chunks = iter_chunks(files, chunk_bytes)
@@ -295,7 +303,7 @@ def preprocess(
                 workers, initializer=_init_worker, initargs=(tok_path, template, max_length, truncate)
             )
             sem = threading.Semaphore(4 * workers)
-            results = pool.imap(_work, _bounded(chunks, sem))
+            results = pool.imap(_work, _bounded(chunks, sem, stop))
         for r in results:
             if sem is not None:
                 sem.release()
@@ -311,6 +319,7 @@ def preprocess(
             )
     finally:
         bar.close()
+        stop.set()
         if pool is not None:
             pool.terminate()
             pool.join()
