@@ -175,9 +175,14 @@ def to_megatron(
         return [hf[0]] * tp
     if tm.kind == VOCAB:
         (w,) = hf
-        if padded_vocab > w.shape[0]:
-            w = torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])])
-        return [c.contiguous() for c in w.chunk(tp, dim=0)]
+        rows = padded_vocab // tp
+        shards = []
+        for r in range(tp):  # views of w; only shards that reach into the padding are copies
+            part = w[r * rows : (r + 1) * rows]
+            if part.shape[0] < rows:
+                part = torch.cat([part, w.new_zeros(rows - part.shape[0], *w.shape[1:])])
+            shards.append(part)
+        return shards
     if tm.kind == QKV:
         return [c.contiguous() for c in fuse_qkv(*hf, cfg.num_query_groups).chunk(tp, dim=0)]
     if tm.kind == FC1:
