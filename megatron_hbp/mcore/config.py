@@ -54,6 +54,8 @@ class PlanSource:
     """Plan config YAML (``configs/plan_*.yaml``) used to build ``path`` when it is missing."""
     world_size: int | None = None
     """Override the plan config's world_size when building (None: keep it)."""
+    overrides: dict = field(default_factory=dict)
+    """Top-level plan-config keys replaced when building (e.g. ``tokens_per_step``, ``groups``)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -120,31 +120,45 @@ def _build_sample_info(cfg: TrainConfig) -> None:
         )
     tokenizer = cfg.data.tokenizer or str(hdata.default_tokenizer_path())
     print(f"[hbp] building sample info {cfg.data.sample_info} from {paths}", flush=True)
-    hdata.build_sample_info(
-        paths, tokenizer=tokenizer, template=cfg.data.template, max_length=cfg.data.max_length,
-        output=cfg.data.sample_info,
+    hdata.preprocess(
+        paths, cfg.data.sample_info, tokenizer=tokenizer, template=cfg.data.template,
+        max_length=cfg.data.max_length, workers=max(1, cfg.data.num_workers),
     )  # fmt: skip
 
 
 def _build_plan(cfg: TrainConfig, dp_size: int) -> None:
-    from dataclasses import replace
+    import yaml
 
+    from megatron_hbp.configio import from_dict
     from megatron_hbp.data import load_sample_info
-    from megatron_hbp.planner import build_plan
-    from megatron_hbp.planner.config import load_plan_config
+    from megatron_hbp.planner import PlanConfig, build_plan
 
     if not cfg.plan.config:
         raise TrainSetupError(
             f"plan {cfg.plan.path} is missing and plan.config is not set: run tools/plan.py first"
         )
-    pcfg = load_plan_config(cfg.plan.config)
+    if not Path(cfg.plan.config).is_file():
+        raise TrainSetupError(f"plan config {cfg.plan.config} not found")
+    data = yaml.safe_load(Path(cfg.plan.config).read_text()) or {}
+    data.update(cfg.plan.overrides)
     if cfg.plan.world_size is not None:
-        pcfg = replace(pcfg, world_size=cfg.plan.world_size)
+        data["world_size"] = cfg.plan.world_size
+    pcfg = from_dict(PlanConfig, data, where=str(cfg.plan.config))
     info = load_sample_info(cfg.data.sample_info)
-    print(f"[hbp] building plan {cfg.plan.path} from {cfg.plan.config}", flush=True)
+    print(
+        f"[hbp] building plan {cfg.plan.path} from {cfg.plan.config} (overrides: {cfg.plan.overrides})",
+        flush=True,
+    )
     plan = build_plan(info.lengths, info.loss_tokens, pcfg, fingerprint=info.fingerprint)
     target = Path(cfg.plan.path)
-    plan.save(target if target.suffix == ".npz" else target / "plan.npz")
+    out = plan.save(target if target.suffix == ".npz" else target / "plan.npz")
+    try:
+        from megatron_hbp.planner.report import report_markdown, write_report
+
+        rep = write_report(plan, out.parent, title=f"Plan report: {out}")
+        print(report_markdown(rep, title=f"Plan report: {out}"), flush=True)
+    except Exception as e:  # the report is informational; training does not depend on it
+        print(f"[hbp] (plan report unavailable: {e})", flush=True)
 
 
 def estimate_memory_bytes(
