@@ -77,11 +77,8 @@ def format_summary(info: SampleInfo, *, width: int = 40) -> str:
         + f"blank lines {s.get('blank_lines', 0)}"
     )
     if info.skipped_array.size:
-        first = info.skipped[:5]
-        out.append(
-            "  first skipped: "
-            + "; ".join(f"{os.path.basename(r.file)}:{r.line} {r.reason}"[:120] for r in first)
-        )
+        out.append(f"  first skipped lines (all {info.skipped_array.size} are in the .npz 'skipped' array):")
+        out += [f"    {os.path.basename(r.file)}:{r.line}: {r.reason}"[:110] for r in info.skipped[:5]]
     if s.get("seconds"):
         secs = s["seconds"]
         out.append(
