@@ -59,13 +59,14 @@ def write_jsonl(path: Path, seed: int = 0) -> None:
 
 
 def single_process_copy(plan):
-    """Same steps, same packs in the same order, world size 1, CP 1 everywhere: the reference."""
+    """Same steps, same packs in the same order, world size 1, CP 1 and no recompute everywhere:
+    the reference (so the CP run's per-group recompute is checked to change nothing as well)."""
     from megatron_hbp.planner import GroupConfig, Plan
 
     cfg = plan.config
     replicas = np.array([plan.world_size // g.cp for g in cfg.groups], dtype=np.int32)
     groups = [
-        GroupConfig(pack_length=g.pack_length, cp=1, recompute_layers=g.recompute_layers,
+        GroupConfig(pack_length=g.pack_length, cp=1, recompute_layers=0,
                     micro_batches=cfg.micro_batches(i) * int(replicas[i]))
         for i, g in enumerate(cfg.groups)
     ]  # fmt: skip
