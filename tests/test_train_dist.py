@@ -21,7 +21,24 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "test_train_worker.py"
 pytestmark = pytest.mark.slow
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "packing", "long", "sequences", "into", "balanced", "batches"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "packing",
+    "long",
+    "sequences",
+    "into",
+    "balanced",
+    "batches",
+]
 
 
 def write_chat_jsonl(path: Path, n: int, seed: int = 0, extra_words: int = 0) -> None:
@@ -101,7 +118,7 @@ def work(tmp_path_factory):
     _launch([sys.executable, str(WORKER), str(w), "single"], timeout=600)
     _launch(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), str(w),
-         "stable2", "resume", "tp2", "bad"],
+         "stable2", "resume", "resume_distopt", "tp2", "bad"],
         timeout=900,
     )  # fmt: skip
     return w
@@ -163,6 +180,13 @@ def test_resume_is_bitwise_exact(work):
     assert [json.loads(x)["step"] for x in lines] == [5, 6, 7, 8, 9]
 
 
+def test_resume_is_bitwise_exact_with_distributed_optimizer(work):
+    r = _result(work, "resume_distopt")
+    assert len(r["straight"]) == 4 and len(r["second"]) == 2
+    assert r["second"] == r["straight"][2:]
+    assert (work / "ckpt_distopt" / "step_2" / "dist_opt_tp0_pp0.pt").is_file()
+
+
 def test_tensor_parallel_2_matches_single(work):
     single, tp2 = _result(work, "single"), _result(work, "tp2")
     for a, b in zip(tp2["losses"], single["losses"]):
@@ -180,6 +204,7 @@ def test_tensor_parallel_2_matches_single(work):
         ("unknown_preset", "unknown model preset 'no_such_model'"),
         ("oom", "out-of-memory risk"),
         ("no_sample_info", "sample info file not found"),
+        ("checkpoint_other_plan", "was saved with a different plan"),
     ],
 )
 def test_bad_input_fails_before_training(work, case, needle):

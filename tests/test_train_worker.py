@@ -167,6 +167,22 @@ def scenario_resume(work: Path, rank: int) -> dict:
     }
 
 
+def scenario_resume_distopt(work: Path, rank: int) -> dict:
+    """The same with Megatron's distributed optimizer (sharded Adam states): 4 straight vs 2 + 2."""
+    from megatron_hbp.mcore.config import CheckpointConfig
+    from megatron_hbp.mcore.train import run
+
+    def cfg(**kw):
+        c = _cfg(work, "plan_resume.npz", **kw)
+        return replace(c, optimizer=replace(c.optimizer, use_distributed_optimizer=True))
+
+    straight = run(cfg(max_steps=4))
+    ck = CheckpointConfig(dir=str(work / "ckpt_distopt"), save_interval=2)
+    run(cfg(max_steps=2, checkpoint=ck))
+    second = run(cfg(max_steps=4, checkpoint=replace(ck, load=str(work / "ckpt_distopt" / "step_2"))))
+    return {"straight": [r["loss"] for r in straight], "second": [r["loss"] for r in second]}
+
+
 def scenario_tp2(work: Path, rank: int) -> dict:
     """TP = 2 on 2 processes with the 1-rank plan: must match the single-process run."""
     from megatron_hbp.mcore.config import ParallelConfig
@@ -178,6 +194,7 @@ def scenario_tp2(work: Path, rank: int) -> dict:
 
 def scenario_bad(work: Path, rank: int) -> dict:
     """Each bad input must raise TrainSetupError before training; record the messages."""
+    from megatron_hbp.mcore.config import CheckpointConfig
     from megatron_hbp.mcore.train import TrainSetupError, run
 
     cases = {
@@ -190,6 +207,7 @@ def scenario_bad(work: Path, rank: int) -> dict:
         "unknown_preset": _cfg(work, "plan_w2.npz", model="no_such_model"),
         "oom": _cfg(work, "plan_w2.npz", memory_limit_gb=0.01),
         "no_sample_info": replace(_cfg(work, "plan_w2.npz"), data=replace(_cfg(work, "x").data, sample_info=str(work / "nope.npz"))),
+        "checkpoint_other_plan": _cfg(work, "plan_w2.npz", checkpoint=CheckpointConfig(load=str(work / "ckpt_resume"))),
     }  # fmt: skip
     out = {}
     for name, cfg in cases.items():
@@ -207,6 +225,7 @@ SCENARIOS = {
     "single": scenario_single,
     "stable2": scenario_stable2,
     "resume": scenario_resume,
+    "resume_distopt": scenario_resume_distopt,
     "tp2": scenario_tp2,
     "bad": scenario_bad,
 }

@@ -9,8 +9,9 @@ every module in the local spec plus a storage backend; per-rank ``torch.save`` i
 simple and enough for resuming with the same parallel layout (the layout is part of the
 manifest and checked). A rank file holds the model and optimizer state dicts, the LR
 scheduler, every RNG state (torch CPU/CUDA, Python, NumPy, Megatron's tracker) and the
-plan position. The non-distributed Megatron optimizer is supported (its ``state_dict``
-is complete per rank); the distributed optimizer is refused at start when saving.
+plan position. With Megatron's distributed optimizer the sharded Adam states are gathered
+to data-parallel rank 0 of each (TP, PP) slice with ``save_parameter_state`` into
+``dist_opt_tp<T>_pp<P>.pt`` and scattered back with ``load_parameter_state``.
 
 ``--load`` refuses a checkpoint made from a different plan (plan hash), model config, or
 parallel layout, with a message naming what differs.
@@ -66,13 +67,31 @@ def _set_rng_states(states: dict) -> None:
     get_cuda_rng_tracker().set_states(states["tracker"])
 
 
+def _dist_opt_file(out: Path) -> Path:
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    return out / f"dist_opt_tp{tp}_pp{pp}.pt"
+
+
 def save_checkpoint(
-    directory, steps_done: int, *, rank: int, model, optimizer, scheduler, meta: dict
+    directory,
+    steps_done: int,
+    *,
+    rank: int,
+    model,
+    optimizer,
+    scheduler,
+    meta: dict,
+    distributed_optimizer=False,
 ) -> Path:
     """Write this rank's file (every rank calls it); rank 0 writes the manifest and ``latest``."""
     directory = Path(directory)
     out = directory / f"step_{steps_done}"
     out.mkdir(parents=True, exist_ok=True)
+    if distributed_optimizer:  # collective over the data-parallel group
+        optimizer.save_parameter_state(str(_dist_opt_file(out)))
     state = {
         "steps_done": steps_done,
         "model": model.state_dict(),
@@ -109,7 +128,15 @@ def resolve_checkpoint(path) -> Path:
 def check_compatible(saved: dict, current: dict, path) -> None:
     """Raise ``CheckpointMismatchError`` naming every key that differs."""
     diffs = []
-    for key in ("plan_hash", "model", "tp", "pp", "world_size", "loss_normalization"):
+    for key in (
+        "plan_hash",
+        "model",
+        "tp",
+        "pp",
+        "world_size",
+        "loss_normalization",
+        "distributed_optimizer",
+    ):
         if saved.get(key) != current.get(key):
             what = {
                 "plan_hash": "plan",
@@ -118,6 +145,7 @@ def check_compatible(saved: dict, current: dict, path) -> None:
                 "pp": "pipeline parallel size",
                 "world_size": "world size",
                 "loss_normalization": "loss normalization",
+                "distributed_optimizer": "distributed-optimizer setting",
             }[key]
             detail = (
                 "" if key in ("plan_hash", "model") else f" ({saved.get(key)!r} vs now {current.get(key)!r})"
@@ -137,7 +165,9 @@ def check_compatible(saved: dict, current: dict, path) -> None:
         )
 
 
-def load_checkpoint(path, *, rank: int, model, optimizer, scheduler, current_meta: dict) -> int:
+def load_checkpoint(
+    path, *, rank: int, model, optimizer, scheduler, current_meta: dict, distributed_optimizer=False
+) -> int:
     """Restore this rank's state; returns the number of plan steps already done."""
     path = resolve_checkpoint(path)
     saved_meta = json.loads((path / "meta.json").read_text())
@@ -148,6 +178,11 @@ def load_checkpoint(path, *, rank: int, model, optimizer, scheduler, current_met
     state = torch.load(f, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if distributed_optimizer:
+        f = _dist_opt_file(path)
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no distributed-optimizer state {f.name}")
+        optimizer.load_parameter_state(str(f))
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_states(state["rng"])
     return int(state["steps_done"])

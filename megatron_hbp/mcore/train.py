@@ -177,7 +177,7 @@ def estimate_memory_bytes(
     Weights (2 or 4 B/param), fp32 gradients (4), Adam states (8, + fp32 master 4 with bf16;
     sharded over ``dp`` with the distributed optimizer), activations ~34·hidden bytes per
     token and layer in bf16 (Korthikanti et al. with flash attention; x2 in fp32), 2·hidden
-    for a recomputed layer, and fp32 logits + their gradient for the vocabulary shard.
+    for a recomputed layer, and the logits (bf16 + an fp32 copy in the loss, or fp32 + grad).
     """
     p = model_cfg.num_parameters() / (tp * pp)
     weights = p * (2 if bf16 else 4)
@@ -189,7 +189,7 @@ def estimate_memory_bytes(
     act = (
         tokens_per_rank * model_cfg.hidden_size * (act_bytes * (layers - r) / tp + 2 * r * (2 if bf16 else 4))
     )
-    logits = tokens_per_rank * model_cfg.vocab_size / tp * 8
+    logits = tokens_per_rank * model_cfg.vocab_size / tp * (6 if bf16 else 8)
     return int(weights + grads + opt + act + logits)
 
 
@@ -429,10 +429,8 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         "world_size": world,
         "loss_normalization": cfg.loss_normalization,
         "plan_path": str(cfg.plan.path),
+        "distributed_optimizer": oc.use_distributed_optimizer,
     }
-    if cfg.checkpoint.dir and oc.use_distributed_optimizer:
-        raise TrainSetupError("checkpointing with the distributed optimizer is not supported yet; set "
-                              "optimizer.use_distributed_optimizer: false or checkpoint.dir: null")  # fmt: skip
     start = 0
     if cfg.checkpoint.load:
         try:
