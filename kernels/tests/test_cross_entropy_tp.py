@@ -42,15 +42,19 @@ def _worker(rank: int, init_file: str) -> None:
     group = dist.group.WORLD
     try:
         shard = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL)
-        backends = ["torch", "triton"] if not torch.cuda.is_available() else ["torch"]
-        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)):
+        # (dtype, tolerance, backends with every sub-check, backends with the core checks):
+        # the interpreter is slow, and the TP logic around the kernels is shared Python.
+        triton_core = [] if torch.cuda.is_available() else ["triton"]
+        cases = [(torch.float32, 1e-5, ["torch"], triton_core), (torch.bfloat16, 1.6e-2, ["torch"], [])]
+        for dtype, tol, full_backends, core_backends in cases:
             hidden, weight, labels = _case(seed=11)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             h_ref = hidden.float().clone().requires_grad_()
             w_ref = weight.float().clone().requires_grad_()
             ref = token_balanced_cross_entropy_reference(h_ref, w_ref, labels, normalizer=40.0)
             ref.backward()
-            for backend in backends:
+            for backend in full_backends + core_backends:
+                full = backend in full_backends
                 h = hidden.clone().requires_grad_()
                 w = weight[shard].clone().requires_grad_()
                 loss, count = token_balanced_cross_entropy(
@@ -63,21 +67,22 @@ def _worker(rank: int, init_file: str) -> None:
                 assert _rel(h.grad, h_ref.grad) <= tol, where
                 assert _rel(w.grad, w_ref.grad[shard]) <= tol, where
 
-                # Without the hidden-grad all-reduce each rank holds its shard's share.
-                h2 = hidden.clone().requires_grad_()
-                token_balanced_cross_entropy(
-                    h2,
-                    weight[shard],
-                    labels,
-                    40.0,
-                    tp_group=group,
-                    backend=backend,
-                    all_reduce_hidden_grad=False,
-                ).backward()
-                part = h2.grad.float()
-                assert _rel(part, h_ref.grad) > 1e-2, where  # a share, not the whole
-                dist.all_reduce(part, group=group)
-                assert _rel(part, h_ref.grad) <= tol, where
+                if full:
+                    # Without the hidden-grad all-reduce each rank holds its shard's share.
+                    h2 = hidden.clone().requires_grad_()
+                    token_balanced_cross_entropy(
+                        h2,
+                        weight[shard],
+                        labels,
+                        40.0,
+                        tp_group=group,
+                        backend=backend,
+                        all_reduce_hidden_grad=False,
+                    ).backward()
+                    part = h2.grad.float()
+                    assert _rel(part, h_ref.grad) > 1e-2, where  # a share, not the whole
+                    dist.all_reduce(part, group=group)
+                    assert _rel(part, h_ref.grad) <= tol, where
 
                 # Logits version: shard of the full fp32 logits.
                 logits = (hidden.float() @ weight.float().T).to(dtype)
@@ -92,6 +97,8 @@ def _worker(rank: int, init_file: str) -> None:
                 assert abs(loss_x.item() - ref_x.item()) <= 1e-4 * abs(ref_x.item()), where
                 assert _rel(x.grad, x_ref.grad[:, shard]) <= tol, where
 
+                if not full:
+                    continue
                 # All tokens ignored: 0 and zero grads on every rank.
                 ignored = torch.full_like(labels, -100)
                 h3 = hidden.clone().requires_grad_()
