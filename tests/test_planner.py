@@ -192,6 +192,14 @@ def test_zigzag_cost_by_hand():
     ]
 
 
+def test_zigzag_cost_offsets_need_not_start_at_zero():
+    from megatron_hbp.planner import zigzag_attention_cost_flat
+
+    # documents 1..2 only: [5, 8] -> as above; document 0 (length 99) is outside every pack
+    got = zigzag_attention_cost_flat(np.array([99, 5, 8]), np.array([1, 2, 2, 3]), 2)
+    assert got.tolist() == [[3, 12], [0, 0], [18, 18]]
+
+
 def test_zigzag_cost_matches_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(30):

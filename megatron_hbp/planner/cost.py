@@ -40,16 +40,19 @@ def zigzag_attention_cost_flat(lengths: np.ndarray, pack_offsets: np.ndarray, cp
     """Per-pack, per-rank causal pairs: ``[P, cp] int64``.
 
     Args:
-        lengths: ``[n]`` document lengths of all packs, concatenated.
-        pack_offsets: ``[P+1]`` int, pack ``p`` holds ``lengths[pack_offsets[p]:pack_offsets[p+1]]``.
+        lengths: ``[n]`` document lengths (int).
+        pack_offsets: ``[P+1]`` non-decreasing int, pack ``p`` holds
+            ``lengths[pack_offsets[p]:pack_offsets[p+1]]`` (need not start at 0; empty packs allowed).
         cp: context-parallel degree.
     """
     pack_offsets = np.asarray(pack_offsets, dtype=np.int64)
     P = len(pack_offsets) - 1
     out = np.zeros((P, cp), dtype=np.int64)
-    if len(lengths) == 0 or P == 0:
+    if P <= 0 or pack_offsets[-1] == pack_offsets[0]:
         return out
-    doc = zigzag_doc_cost(lengths, cp)
+    if (np.diff(pack_offsets) < 0).any() or pack_offsets[0] < 0 or pack_offsets[-1] > len(lengths):
+        raise ValueError(f"pack_offsets must be non-decreasing within [0, {len(lengths)}]")
+    doc = zigzag_doc_cost(np.asarray(lengths)[pack_offsets[0] : pack_offsets[-1]], cp)
     pack_of = np.repeat(np.arange(P), np.diff(pack_offsets))
     for r in range(cp):
         out[:, r] = np.bincount(pack_of, weights=doc[:, r], minlength=P).astype(np.int64)
