@@ -158,6 +158,14 @@ def test_balance_rejects_wrong_pack_count():
         balance_layout("sort", ATTN[:3], ATTN[:3], R=2, m=2, rng=np.random.default_rng(0))
 
 
+def test_closest_run_for_the_extra_step():
+    from megatron_hbp.planner.build import _closest_run
+
+    # windows of 2: (2-1)/1.5, (10-2)/6, (10.5-10)/10.25, (30-10.5)/20.25 -> the third is tightest
+    assert _closest_run(np.array([1.0, 2.0, 10.0, 10.5, 30.0]), 2) == 2
+    assert _closest_run(np.array([1.0, 2.0]), 0) == 0
+
+
 # ----------------------------------------------------------------------------- curriculum
 
 

@@ -128,6 +128,12 @@ def main(argv=None) -> int:
             print(_dry_run(cfg, lengths))
             return 0
         plan = build_plan(lengths, loss, cfg, fingerprint=fp)
+        if plan.num_steps == 0:
+            print(
+                "warning: the plan has no steps (every sample dropped, or fewer packs than one step); "
+                "see dropped_by_reason in report.json",
+                file=sys.stderr,
+            )
         path = plan.save(a.output / "plan.npz")
         rep = write_report(plan, a.output, title=f"Plan report: {name}")
         if a.plot:
