@@ -36,9 +36,10 @@ from math import ceil, log2
 class BalancedCPScheduler:
     """Port of ``megatron.core.pipeline_parallel.hybrid_cp_schedule.BalancedCPScheduler``."""
 
-    def __init__(self, max_seq_len_per_rank: int, total_gpus: int):
+    def __init__(self, max_seq_len_per_rank: int, total_gpus: int, linear_coef: float = 0.0):
         if max_seq_len_per_rank < 1 or total_gpus < 1:
             raise ValueError("max_seq_len_per_rank and total_gpus must be >= 1")
+        self.linear_coef = float(linear_coef)  # 0 = Megatron's l^2 / cp; > 0 = our what-if (a l + l^2) / cp
         self.max_seq_len_per_rank = int(max_seq_len_per_rank)
         self.total_hdp_gpus = int(total_gpus)
         self.gpus_needed = lru_cache(maxsize=None)(self._gpus_needed)
@@ -50,7 +51,7 @@ class BalancedCPScheduler:
     def _get_total_workload(self, seq_length: int, cp_size: int | None = None) -> float:
         if cp_size is None:
             cp_size = self.gpus_needed(seq_length)
-        return (seq_length * seq_length) / cp_size
+        return (self.linear_coef * seq_length + seq_length * seq_length) / cp_size
 
     def make_buckets_equal(self, sample_seqlens, compute_estimator):
         seqlens = [seq_len for _, seq_len in sample_seqlens]
@@ -223,13 +224,16 @@ class BalancedCPScheduler:
         return groups, sample_id_groups
 
 
-def schedule_step(seqlens, max_seqlen_per_rank: int, total_gpus: int) -> list[list[list[tuple[int, int]]]]:
+def schedule_step(
+    seqlens, max_seqlen_per_rank: int, total_gpus: int, linear_coef: float = 0.0
+) -> list[list[list[tuple[int, int]]]]:
     """Schedule one global batch: ``[group][gpu] -> [(sample position, cp size), ...]``.
 
     ``seqlens``: lengths of the step's sub-samples (positions index into it). The cp size of a
     sub-sample in a group is the number of GPUs of that group that hold it (as Megatron's
-    ``_get_new_data_iterator`` computes ``partner_cp_size``)."""
-    sched = BalancedCPScheduler(max_seqlen_per_rank, total_gpus)
+    ``_get_new_data_iterator`` computes ``partner_cp_size``). ``linear_coef`` > 0 replaces the l^2
+    workload estimate by (linear_coef l + l^2) -- a what-if, not Megatron's behaviour."""
+    sched = BalancedCPScheduler(max_seqlen_per_rank, total_gpus, linear_coef)
     items = [(i, int(s)) for i, s in enumerate(seqlens) if int(s) > 0]
     too_big = [s for _, s in items if sched.gpus_needed(s) > total_gpus]
     if too_big:

@@ -27,7 +27,8 @@ streaming the weights, which is what makes one-sample micro-batches expensive):
     W_bytes = N_local (12 + 2 k / L)   bf16 weight read in forward and in data-gradient GEMMs
               (2 + 2), fp32 main-gradient read-modify-write (8), re-read for recomputed layers
     t_attn_r = attention FLOPs_r / (peak * attention_mfu)
-    micro-batch time = max_r (t_dense + t_attn_r) + exposed CP comm + microbatch_overhead_s
+    micro-batch time = max_r (t_dense + t_attn_r) / e_cp + exposed CP comm + microbatch_overhead_s
+    (e_cp = cp_compute_efficiency when c > 1, else 1)
 
 The max over ranks is there because ranks of a CP group synchronise every layer.
 
@@ -107,6 +108,10 @@ class Efficiency:
     """Achieved / peak inter-node bandwidth (NCCL bus bandwidth over IB)."""
     microbatch_overhead_s: float = 0.002
     """Fixed cost per micro-batch (kernel launches, Python scheduling), seconds."""
+    cp_compute_efficiency: float = 0.87
+    """Compute throughput with CP > 1 relative to CP = 1 (zigzag re-ordering, split attention
+    kernels, per-step softmax corrections of ring attention). 0.87 fits the relative times of the
+    paper's Table 19 profile (8B, H100) best: RMS error 3.7 % vs 12 % with 1.0 (docs/costmodel.md)."""
 
     def __post_init__(self):
         for name in (
@@ -115,6 +120,7 @@ class Efficiency:
             "hbm_efficiency",
             "nvlink_efficiency",
             "network_efficiency",
+            "cp_compute_efficiency",
         ):
             v = getattr(self, name)
             if not 0 < v <= 1:
@@ -295,6 +301,15 @@ class CostModel:
             ((1 + bwd) * L + k) * self.attention_fwd_flops_per_pair_layer()
         )
 
+    def balance_linear_coef(self, recompute_layers: int = 0) -> float:
+        """a in the planner's balancing cost ``a * tokens + sum(l^2)`` so that it is proportional to
+        this model's compute time: a causal-pair count is ~l^2 / 2, hence
+        a = 2 (dense seconds per token) / (attention seconds per pair)."""
+        e = self.efficiency
+        dense = float(self.dense_flops(1.0, recompute_layers)) / e.dense_mfu
+        attn = float(self.attention_flops(1.0, recompute_layers)) / e.attention_mfu
+        return 2.0 * dense / attn
+
     # ------------------------------------------------------------------ communication
     def _link(self, group_gpus: int) -> tuple[float, float]:
         """(bandwidth bytes/s, efficiency) of the slowest link of a ring over ``group_gpus`` GPUs."""
@@ -339,8 +354,9 @@ class CostModel:
         pack_tokens = np.asarray(pack_tokens, dtype=np.float64)
         pairs = np.asarray(pairs, dtype=np.float64).reshape(pack_tokens.size, cp)
         peak = self.hardware.peak_flops
-        dense = self.dense_flops(pack_tokens / cp, recompute_layers) / peak
-        attention = self.attention_flops(pairs.max(axis=1), recompute_layers) / peak
+        cp_eff = self.efficiency.cp_compute_efficiency if cp > 1 else 1.0
+        dense = self.dense_flops(pack_tokens / cp, recompute_layers) / peak / cp_eff
+        attention = self.attention_flops(pairs.max(axis=1), recompute_layers) / peak / cp_eff
         L, k = self.model.num_layers, recompute_layers
         units = 3 * L + k
         bw, _ = self._link(cp * self.setup.tensor_parallel)
@@ -372,6 +388,8 @@ class CostModel:
         t_dense = np.maximum(t_dense_flops, t_weights)
         t_attn = self.attention_flops(pairs, k) / (peak * e.attention_mfu)  # [M, cp]
         compute = (t_dense[:, None] + t_attn).max(axis=1)
+        if cp > 1:
+            compute = compute / e.cp_compute_efficiency
         comm = self.cp_exposed_time(pack_tokens, t_attn.mean(axis=1), cp, k)
         return compute, comm
 

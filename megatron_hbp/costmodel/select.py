@@ -211,6 +211,7 @@ def select_groups_paper(
     chosen[l_max] = GroupChoice(l_max, sp_max, best[l_max].recompute_layers)
     for sub, name in ((l_best // sp_best, "l1 = l_best/sp_best"), (l_max // sp_max, "l2 = l_max/sp_max")):
         if sub in chosen:
+            notes.append(f"{name} = {sub} is already a group: merged")
             continue
         if name.startswith("l2") and sub <= l_best:
             notes.append(f"{name} = {sub} <= l_best = {l_best}: merged into l_best")

@@ -188,6 +188,7 @@ def simulate_dynamic_cp(
     max_seqlen_per_rank: int,
     recompute_layers: int | None = None,
     pack_subsamples: bool = False,
+    linear_coef: float = 0.0,
     seed: int = 0,
     name: str = "dynamic-CP (Megatron)",
     progress: bool = False,
@@ -197,7 +198,8 @@ def simulate_dynamic_cp(
     ``recompute_layers``: one global setting (Megatron has no per-sample recompute); default the
     fewest layers that fit ``max_seqlen_per_rank`` tokens per GPU at the largest CP size.
     ``pack_subsamples``: a what-if, not Megatron's behaviour: the CP=1 sub-samples a GPU runs in
-    one group are packed into a single micro-batch instead of one micro-batch each."""
+    one group are packed into a single micro-batch instead of one micro-batch each.
+    ``linear_coef``: a what-if workload estimate (linear_coef l + l^2) / cp instead of l^2 / cp."""
     W = cost_model.dp_cp_ranks
     lengths = np.asarray(lengths, dtype=np.int64)
     if recompute_layers is None:
@@ -221,7 +223,7 @@ def simulate_dynamic_cp(
     group_step = []
     for si, batch in enumerate(it):
         seqlens = lengths[batch]
-        for grp in schedule_step(seqlens, max_seqlen_per_rank, W):
+        for grp in schedule_step(seqlens, max_seqlen_per_rank, W, linear_coef):
             gid = len(group_step)
             group_step.append(si)
             for r, items in enumerate(grp):
@@ -295,6 +297,7 @@ def simulate_dynamic_cp(
         extra={
             "max_seqlen_per_rank": max_seqlen_per_rank,
             "recompute_layers": k,
+            "linear_coef": linear_coef,
             "groups_per_step": G / max(S, 1),
             "micro_batches_per_gpu_step": len(length) / max(S * W, 1),
         },
@@ -315,6 +318,8 @@ class Strategy:
     """Dynamic CP only: global recompute setting (None: fewest that fit)."""
     pack_subsamples: bool = False
     """Dynamic CP only: what-if that packs each GPU's CP=1 sub-samples of a group into one micro-batch."""
+    linear_coef: float = 0.0
+    """Dynamic CP only: what-if workload (linear_coef l + l^2) / cp instead of Megatron's l^2 / cp."""
 
 
 def default_strategies(
@@ -346,8 +351,7 @@ def default_strategies(
 
     isf = [group(max_length, cp_max)]
     hbp = [group(length, cp) for length, cp in hbp_groups]
-    # the paper's linear coefficient: a token's dense FLOPs in units of one causal pair's attention FLOPs
-    coef = cost_model.dense_flops(1.0) / cost_model.attention_flops(1.0)
+    coef = cost_model.balance_linear_coef(hbp[0].recompute_layers)
 
     def cfg(groups, **kw):
         return PlanConfig(groups=groups, world_size=W, micro_batches_per_step=micro_batches, seed=seed, **kw)
@@ -370,6 +374,12 @@ def default_strategies(
             name="dynamic-CP, packed sub-samples (what-if)",
             max_seqlen_per_rank=tokens_per_gpu,
             pack_subsamples=True,
+        ),
+        Strategy(
+            name="dynamic-CP, packed + linear+l^2 cost (what-if)",
+            max_seqlen_per_rank=tokens_per_gpu,
+            pack_subsamples=True,
+            linear_coef=float(coef),
         ),
     ]
 
@@ -406,6 +416,7 @@ def run_strategies(
                 max_seqlen_per_rank=s.max_seqlen_per_rank,
                 recompute_layers=s.recompute_layers,
                 pack_subsamples=s.pack_subsamples,
+                linear_coef=s.linear_coef,
                 seed=seed,
                 name=s.name,
                 progress=progress,

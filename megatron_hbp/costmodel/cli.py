@@ -1,0 +1,130 @@
+"""Shared argparse pieces of ``tools/simulate.py`` and ``tools/select_groups.py`` (inputs, cluster,
+efficiency overrides), so the two CLIs stay thin and agree."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from megatron_hbp.configio import ConfigError
+from megatron_hbp.costmodel.hardware import available_hardware
+from megatron_hbp.costmodel.model import CostModel, Efficiency, TrainingSetup
+from megatron_hbp.model_config import available_presets
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sample-info", type=Path, help="sample-info .npz (lengths, loss_tokens, fingerprint)")
+    src.add_argument("--lengths", type=Path, help=".npy of per-sample lengths (loss tokens = lengths)")
+    src.add_argument(
+        "--synth", help="named synthetic distribution, e.g. tulu3_longcite (tools/synth_lengths.py)"
+    )
+    p.add_argument("--scale", type=float, default=1.0, help="--synth: multiply the sample counts (default 1)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of synthetic data, plans and shuffles (default 0)"
+    )
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="llama3_1_8b", help=f"model preset or YAML ({', '.join(available_presets())})"
+    )
+    p.add_argument(
+        "--gpu", default="h100_sxm", help=f"hardware profile or YAML ({', '.join(available_hardware())})"
+    )
+    p.add_argument("--num-gpus", type=int, default=32, help="GPUs in the job (default 32)")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=None, help="NVLink domain size (default: the profile's)"
+    )
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an Efficiency or TrainingSetup field, e.g. --set dense_mfu=0.5 "
+        "--set memory_reserve_gib=6 --set fused_loss=false (repeatable)",
+    )
+
+
+def read_inputs(a: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(lengths, loss_tokens or None, description)."""
+    if a.synth:
+        from megatron_hbp.planner.synth import synth_lengths
+
+        lengths = synth_lengths(a.synth, a.seed, a.scale)
+        return lengths, None, f"synthetic {a.synth} (scale {a.scale}, seed {a.seed})"
+    if a.sample_info:
+        from megatron_hbp.planner.io import read_sample_info
+
+        lengths, loss, _ = read_sample_info(a.sample_info)
+        return lengths, loss, str(a.sample_info)
+    from megatron_hbp.planner.io import read_lengths
+
+    return read_lengths(a.lengths), None, str(a.lengths)
+
+
+def _parse_value(field: dataclasses.Field, raw: str):
+    tp = (
+        field.type
+        if isinstance(field.type, type)
+        else {"float": float, "int": int, "bool": bool}.get(field.type)
+    )
+    if tp is bool or field.type == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--set {field.name}={raw}: expected true or false")
+    try:
+        return (tp or float)(raw)
+    except ValueError:
+        raise ConfigError(f"--set {field.name}={raw}: expected a number") from None
+
+
+def build_cost_model(a: argparse.Namespace) -> CostModel:
+    eff_fields = {f.name: f for f in dataclasses.fields(Efficiency)}
+    setup_fields = {f.name: f for f in dataclasses.fields(TrainingSetup)}
+    eff, setup = {}, {"tensor_parallel": a.tp}
+    for item in a.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        if key in eff_fields:
+            eff[key] = _parse_value(eff_fields[key], raw)
+        elif key in setup_fields:
+            setup[key] = _parse_value(setup_fields[key], raw)
+        else:
+            raise ConfigError(
+                f"--set {key}: unknown; Efficiency fields: {', '.join(eff_fields)}; "
+                f"TrainingSetup fields: {', '.join(setup_fields)}"
+            )
+    return CostModel(
+        a.model,
+        a.gpu,
+        num_gpus=a.num_gpus,
+        gpus_per_node=a.gpus_per_node,
+        setup=TrainingSetup(**setup),
+        efficiency=Efficiency(**eff),
+    )
+
+
+def describe(cm: CostModel) -> str:
+    e, s, hw = cm.efficiency, cm.setup, cm.hardware
+    return (
+        f"model {cm.model.name} ({cm.model.num_parameters() / 1e9:.2f}B), {cm.num_gpus} x {hw.name} "
+        f"({cm.gpus_per_node}/node, {hw.memory_gib} GiB), TP {s.tensor_parallel}; efficiency: dense {e.dense_mfu}, "
+        f"attention {e.attention_mfu}, HBM {e.hbm_efficiency}, NVLink {e.nvlink_efficiency}, "
+        f"network {e.network_efficiency}, overhead {e.microbatch_overhead_s * 1e3:g} ms/micro-batch; "
+        f"reserve {s.memory_reserve_gib} GiB, fused loss {s.fused_loss}, distributed optimizer {s.distributed_optimizer}"
+    )
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"expected a comma-separated list of integers, got '{text}'") from None

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Choose HBP groups (pack length, CP degree, recomputed layers) for a model, a cluster and a data
+set, print the candidates table (like the paper's Table 19), and write a plan config for tools/plan.py.
+
+  python tools/select_groups.py --synth tulu3_longcite --output configs/plan_selected.yaml
+  python tools/select_groups.py --lengths cache/tulu3_longcite.npy --model llama3_1_8b --gpu h100_sxm --num-gpus 32
+  python tools/select_groups.py --sample-info cache/demo/sample_info.npz --model llama_1b --num-gpus 8 --method paper
+
+Two selections over the same candidates (megatron_hbp/costmodel/select.py):
+  paper      the paper's Algorithms 1, 3, 4: the fastest length per token (l_best), the length the
+             longest sample needs (l_max), plus CP-1 subgroups l_best/sp_best and l_max/sp_max.
+  simulated  ours: every subset of candidate lengths (with l_max) is planned on the real lengths
+             and its epoch simulated; the fastest set (fewest groups within --tolerance) wins.
+Both are then simulated on the full data and compared. The profiler is the analytic cost model
+(no GPU needed); efficiencies can be changed with --set (e.g. after calibration on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from megatron_hbp.configio import ConfigError, to_dict
+from megatron_hbp.costmodel.cli import (
+    add_cluster_args,
+    add_input_args,
+    build_cost_model,
+    describe,
+    parse_int_list,
+    read_inputs,
+)
+from megatron_hbp.costmodel.profiler import AnalyticProfiler
+from megatron_hbp.costmodel.select import (
+    DEFAULT_CP,
+    DEFAULT_LENGTHS,
+    format_candidates,
+    format_groups,
+    plan_config_for,
+    select_groups_paper,
+    select_groups_simulated,
+    simulate_group_set,
+)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_args(p)
+    add_cluster_args(p)
+    p.add_argument(
+        "--candidate-lengths",
+        default=",".join(str(x) for x in DEFAULT_LENGTHS),
+        help="candidate pack lengths (default 8K..128K)",
+    )
+    p.add_argument(
+        "--cp", default=",".join(str(x) for x in DEFAULT_CP), help="candidate CP degrees (1,2,4,8)"
+    )
+    p.add_argument(
+        "--tokens-per-step", type=int, default=2097152, help="global tokens per step of the plans (2097152)"
+    )
+    p.add_argument("--method", choices=("simulated", "paper"), default="simulated", help="groups to write")
+    p.add_argument("--search-sample", type=int, default=200_000, help="samples used by the simulated search")
+    p.add_argument(
+        "--tolerance", type=float, default=0.01, help="simulated search: prefer fewer groups within"
+    )
+    p.add_argument("--no-evaluate", action="store_true", help="skip simulating both choices on the full data")
+    p.add_argument("--output", type=Path, help="write the chosen plan config (YAML) here")
+    a = p.parse_args(argv)
+    try:
+        lengths, loss, desc = read_inputs(a)
+        cm = build_cost_model(a)
+        cands = parse_int_list(a.candidate_lengths)
+        cps = parse_int_list(a.cp)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"data: {desc}: {len(lengths)} samples, {int(lengths.sum()):,} tokens, max {int(lengths.max())}")
+    print(describe(cm))
+    prof = AnalyticProfiler(cm)
+    W = cm.dp_cp_ranks
+    t0 = time.perf_counter()
+    try:
+        sel = select_groups_paper(
+            prof, lengths, world_size=W, candidate_lengths=cands, cp_degrees=cps, seed=a.seed
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tpg = max(cands) // max(cps)
+    print(f"\nCandidates (analytic profile, packs drawn from the data, {tpg} tokens per GPU each):")
+    print(format_candidates(sel))
+    print(f"\nAlgorithm 1: l_best = {sel.l_best // 1024}K, l_max = {sel.l_max // 1024}K")
+    for n in sel.notes:
+        print(f"  {n}")
+    print(f"paper groups:     {format_groups(sel.groups)}   ({time.perf_counter() - t0:.1f} s)")
+    plan_kwargs = dict(
+        packer="bfd", greedy_fill=True, balance="lpt", cost_linear_coef=cm.balance_linear_coef()
+    )
+    t1 = time.perf_counter()
+    chosen, scored = select_groups_simulated(
+        sel,
+        prof,
+        lengths,
+        cm,
+        tokens_per_step=a.tokens_per_step,
+        sample=a.search_sample,
+        tolerance=a.tolerance,
+        seed=a.seed,
+        progress=True,
+        **plan_kwargs,
+    )
+    n_sub = min(len(lengths), a.search_sample or len(lengths))
+    print(
+        f"\nSimulated search over {len(scored)} group sets on {n_sub} samples ({time.perf_counter() - t1:.1f} s):"
+    )
+    print("| groups | GPU-hours (subsample) |\n|---|---|")
+    for gs, h in scored[:8]:
+        print(f"| {format_groups(gs)} | {h:.3f} |")
+    print(f"simulated groups: {format_groups(chosen)}")
+    if not a.no_evaluate:
+        print("\nBoth choices on the full data (same packer and balancer):")
+        print("| selection | groups | ABR | CR | GPU-hours | vs paper rule |\n|---|---|---|---|---|---|")
+        base = None
+        for name, gs in (("paper (Alg. 1)", sel.groups), ("simulated (ours)", chosen)):
+            r = simulate_group_set(
+                gs, lengths, cm, tokens_per_step=a.tokens_per_step, seed=a.seed, **plan_kwargs
+            )
+            base = base or r.gpu_hours
+            print(
+                f"| {name} | {format_groups(gs)} | {r.abr:.3f} | {r.cr:.3f} | {r.gpu_hours:.1f} | "
+                f"{base / r.gpu_hours:.2f}x |"
+            )
+    if a.output:
+        groups = chosen if a.method == "simulated" else sel.groups
+        cfg = plan_config_for(groups, W, a.tokens_per_step, seed=a.seed, **plan_kwargs)
+        d = to_dict(cfg)
+        d["extra"] = {
+            "selected_by": f"tools/select_groups.py --method {a.method}",
+            "model": cm.model.name,
+            "cluster": f"{cm.num_gpus} x {cm.hardware.name}",
+            "data": desc,
+        }
+        a.output.parent.mkdir(parents=True, exist_ok=True)
+        header = (
+            f"# Written by tools/select_groups.py ({a.method} selection); use with tools/plan.py --config.\n"
+        )
+        a.output.write_text(header + yaml.safe_dump(d, sort_keys=False))
+        print(f"\nwrote {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Simulate one epoch of several strategies on the same samples and print ABR/DBR/CR, GPU-hours
+and the speed-up against the first (ISF) row.
+
+  python tools/simulate.py --synth tulu3_longcite                       # the paper's 8B / 32 x H100 setting
+  python tools/simulate.py --lengths cache/tulu3_longcite.npy --micro-batches 1
+  python tools/simulate.py --sample-info cache/demo/sample_info.npz --model llama_1b --num-gpus 8
+  python tools/simulate.py --synth tulu3_longcite --set attention_mfu=0.3 --json runs/sim.json
+
+Strategies (``--strategies``, default all): isf (one max-length group, CP = max-length / tokens-per-gpu,
+ISF packing, no balancing), hbp_groups (HBP groups, ISF + GreedyFill, no balancing), hbp (+ the
+paper's attention sort), hbp_ours (best-fit decreasing + LPT on the cost model's linear + attention
+cost), dynamic_cp (Megatron-Core's hybrid CP scheduler, re-implemented), dynamic_cp_packed (what-if:
+its CP-1 sub-samples packed per GPU), dynamic_cp_packed_linear (what-if: packed, and balancing
+(a l + l^2) / cp with the cost model's a instead of l^2 / cp). Formulas: megatron_hbp/costmodel/model.py, docs/costmodel.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from megatron_hbp.configio import ConfigError
+from megatron_hbp.costmodel.cli import (
+    add_cluster_args,
+    add_input_args,
+    build_cost_model,
+    describe,
+    parse_int_list,
+    read_inputs,
+)
+from megatron_hbp.costmodel.simulate import default_strategies, format_table, run_strategies
+
+KEYS = ("isf", "hbp_groups", "hbp", "hbp_ours", "dynamic_cp", "dynamic_cp_packed", "dynamic_cp_packed_linear")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_args(p)
+    add_cluster_args(p)
+    p.add_argument("--tokens-per-gpu", type=int, default=16384, help="tokens per GPU per micro-batch (16384)")
+    p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per replica per step (4)")
+    p.add_argument("--max-length", type=int, default=131072, help="ISF pack length / largest group (131072)")
+    p.add_argument(
+        "--hbp-groups",
+        default=None,
+        help="HBP groups as LENGTH:CP,... (default: tokens-per-gpu:1,max-length:max-length/tokens-per-gpu)",
+    )
+    p.add_argument(
+        "--strategies", default=",".join(KEYS), help=f"comma-separated subset of {', '.join(KEYS)}"
+    )
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    a = p.parse_args(argv)
+    try:
+        lengths, loss, desc = read_inputs(a)
+        cm = build_cost_model(a)
+        groups = None
+        if a.hbp_groups:
+            groups = []
+            for item in a.hbp_groups.split(","):
+                length, _, cp = item.partition(":")
+                groups.append((parse_int_list(length)[0], int(cp or 1)))
+        wanted = [s.strip() for s in a.strategies.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in KEYS]
+        if unknown:
+            raise ConfigError(f"--strategies: unknown {unknown}; choose from {', '.join(KEYS)}")
+        all_s = dict(
+            zip(
+                KEYS,
+                default_strategies(
+                    cm,
+                    tokens_per_gpu=a.tokens_per_gpu,
+                    micro_batches=a.micro_batches,
+                    max_length=a.max_length,
+                    hbp_groups=groups,
+                    seed=a.seed,
+                ),
+            )
+        )
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    strategies = [all_s[k] for k in wanted]
+    tokens_per_step = cm.dp_cp_ranks * a.tokens_per_gpu * a.micro_batches
+    print(f"data: {desc}: {len(lengths)} samples, {int(lengths.sum()):,} tokens, max {int(lengths.max())}")
+    print(describe(cm))
+    print(
+        f"step: {tokens_per_step:,} tokens ({a.micro_batches} micro-batches x {a.tokens_per_gpu} tokens x GPUs)"
+    )
+    for s in strategies:
+        if s.plan is not None:
+            g = ", ".join(
+                f"{x.pack_length // 1024}K/CP{x.cp}/ckpt{x.recompute_layers}" for x in s.plan.groups
+            )
+            print(f"  {s.name}: groups {g}; packer {s.plan.packer}, balance {s.plan.balance}")
+        else:
+            print(f"  {s.name}: max_seqlen_per_dp_cp_rank {s.max_seqlen_per_rank}")
+    t0 = time.perf_counter()
+    results = run_strategies(
+        lengths, cm, strategies, loss_tokens=loss, tokens_per_step=tokens_per_step, seed=a.seed, progress=True
+    )
+    print()
+    print(format_table(results))
+    print(
+        f"\n(simulated in {time.perf_counter() - t0:.1f} s; speed-up = {results[0].name} GPU-hours / row GPU-hours)"
+    )
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {
+                "name": r.name,
+                "ABR": r.abr,
+                "DBR": r.dbr,
+                "CR": r.cr,
+                "steps": r.num_steps,
+                "gpu_hours": r.gpu_hours,
+                "compute_s": r.compute_s,
+                "cp_comm_s": r.cp_comm_s,
+                "dp_comm_s": r.dp_comm_s,
+                "tokens": r.tokens,
+                "dropped": r.num_dropped,
+                "speedup_vs_first": results[0].gpu_hours / r.gpu_hours,
+                "extra": {k: v for k, v in r.extra.items() if isinstance(v, (int, float, str, list))},
+            }
+            for r in results
+        ]
+        a.json.write_text(json.dumps({"data": desc, "setup": describe(cm), "results": rows}, indent=1))
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
