@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")  # installed in the dev venv; see docs/convert.md
-
 DOC_LENGTHS = [7, 1, 12, 5]
 PADDED_LENGTHS = [8, 1, 14, 5]  # padding at the end of a document must not change its real tokens
 TOL = 1e-5
@@ -60,6 +58,10 @@ QWEN2_KW = dict(  # q/k/v biases, tied embeddings
 
 
 def _hf_model(arch: str):
+    # Imported here, not at module level: the --worker subprocesses of this file do not need it.
+    # transformers is pinned in the requirements (installed --no-deps, with regex): docs/convert.md.
+    import transformers
+
     torch.manual_seed(0 if arch == "llama" else 1)
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_KW))
@@ -148,6 +150,8 @@ def test_logits_match_transformers_document_by_document(hf_runs, megatron_logits
 def test_exported_model_loads_in_transformers_and_generates(hf_runs, tmp_path):
     """HF (transformers save_pretrained) -> Megatron TP 2 -> HF: transformers loads it, gives the
     same logits, and greedy generation matches the original model's."""
+    import transformers
+
     from megatron_hbp.convert import hf_to_megatron, megatron_to_hf
 
     run = hf_runs["qwen2"]
@@ -169,6 +173,8 @@ def test_exported_model_loads_in_transformers_and_generates(hf_runs, tmp_path):
 def test_trained_checkpoint_exports_to_transformers_with_the_same_logits(hf_runs, megatron_logits, tmp_path):
     """Megatron weights saved by the trainer's layout (TP 2, random 'fine-tuned' values, Qwen2:
     biases + tied) -> megatron-to-hf -> transformers: same packed logits per document, generates."""
+    import transformers
+
     from megatron_hbp.convert import megatron_to_hf
 
     ckpt, ours = megatron_logits["trained"]
