@@ -354,10 +354,14 @@ def test_varlen_backend_matches_sdpa_cuda(cp):
 
     if not varlen_attn_available():
         pytest.skip("torch.nn.attention.varlen missing")
+    from megatron_hbp.cp.attention import _varlen_bottom_right_ok
+
     lengths = [37, 1, 300, 64, 5]
     ref = make_case(lengths, cp, 8, 2, 64, seed=cp)
     cu_pad, cu_real = ref["cu_pad"], ref["cu_real"]
     dev = torch.device("cuda")
+    # The CP chunks rely on flash attention's bottom-right causal alignment (q_len < k_len).
+    assert _varlen_bottom_right_ok(dev, torch.bfloat16)
     errs = {}
     for dtype in (torch.bfloat16,):
         q, k, v = (ref[n].to(dev, dtype).requires_grad_() for n in "qkv")

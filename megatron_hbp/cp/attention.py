@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -240,12 +241,56 @@ def _varlen_segments(qp, kp, vp, plan: _Plan, scale: float) -> torch.Tensor:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _varlen_bottom_right_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """One-time check that ``varlen_attn``'s causal mask is aligned bottom-right for
+    ``q_len < k_len`` (flash-attention >= 2.1 semantics, which the CP chunks rely on).
+
+    If a torch build ever differs, ``backend="auto"`` falls back to SDPA with an explicit
+    mask (slower, never wrong) and says so once.
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(3, 2, 16, generator=g)
+    k = torch.randn(8, 2, 16, generator=g)
+    v = torch.randn(8, 2, 16, generator=g)
+    mask = torch.arange(8)[None, :] <= (torch.arange(3) + 5)[:, None]
+    want = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask
+    )
+    cu_q = torch.tensor([0, 3], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 8], dtype=torch.int32, device=device)
+    try:
+        got = _varlen_fn()(
+            q.to(device, dtype),
+            k.to(device, dtype),
+            v.to(device, dtype),
+            cu_q,
+            cu_k,
+            3,
+            8,
+            window_size=(-1, 0),
+        )
+    except Exception as e:  # pragma: no cover - depends on the CUDA build
+        warnings.warn(
+            f"varlen_attn failed its self-check ({e}); megatron_hbp.cp uses SDPA instead", stacklevel=2
+        )
+        return False
+    err = float((got.float().cpu() - want.transpose(0, 1)).abs().max())
+    if err > 0.05:  # pragma: no cover - depends on the CUDA build
+        warnings.warn(
+            f"varlen_attn causal mask is not bottom-right aligned (error {err:.3g}); megatron_hbp.cp uses SDPA",
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
         ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_fn() is not None
-        return "varlen" if ok else "sdpa"
+        return "varlen" if ok and _varlen_bottom_right_ok(q.device, q.dtype) else "sdpa"
     if backend == "varlen":
         if _varlen_fn() is None:
             raise RuntimeError("backend='varlen' needs torch.nn.attention.varlen (torch >= 2.11); use 'sdpa'")
