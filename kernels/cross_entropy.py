@@ -630,6 +630,139 @@ def _dlogits_triton_linear(hidden, w_chunk, labels, lse, g, ctx, v0):
     return dz
 
 
+def _logits_to_dlogits_triton(z, labels, lse, g, vocab_start: int, ignore_index: int) -> torch.Tensor:
+    """Overwrite a [Tc, V] logits buffer of ours with dz (each element is read, then written,
+    by the same program, so in place is safe)."""
+    T, V = z.shape
+    cfg = _logits_blocks()
+    _ce_logits_bwd_kernel[(cdiv(T, cfg["BLOCK_T"]), cdiv(V, cfg["BLOCK_V"]))](
+        z,
+        labels,
+        lse,
+        g,
+        z,
+        T,
+        V,
+        z.stride(0),
+        z.stride(0),
+        vocab_start,
+        ignore_index,
+        BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_V=cfg["BLOCK_V"],
+        num_warps=cfg["num_warps"],
+    )
+    return z
+
+
+def _in_forward_chunk_tokens(T: int, V: int, device, chunk_tokens: int | None) -> int:
+    """Token rows per full-vocabulary logits chunk of grad_mode="in_forward"."""
+    if chunk_tokens is None:
+        # 2^27 logits = 256 MB of bf16 on CUDA (about 1K tokens at V = 128K).
+        budget = (1 << 27) if device.type == "cuda" else (1 << 22)
+        chunk_tokens = max(1, budget // V)
+        if chunk_tokens < T and chunk_tokens >= 128:
+            chunk_tokens = chunk_tokens // 128 * 128
+    return max(1, min(chunk_tokens, T))
+
+
+class _LinearCrossEntropyInForward(torch.autograd.Function):
+    """grad_mode="in_forward": 3 GEMM-sized passes instead of 4 (Liger-style).
+
+    Per token chunk the full-vocabulary logits ``[Tc, V_local]`` are built once (cuBLAS on
+    CUDA), reduced to ``lse`` (Triton), turned into ``dz`` in place with ``g = 1/N``, and
+    consumed by ``dhidden[Tc] = dz · W`` and ``dweight += dzᵀ · hidden[Tc]``. The gradients
+    are kept until backward and scaled there by the incoming gradient, in place (so one
+    backward per forward). On the Triton path ``dweight`` is accumulated across token chunks
+    in the weight dtype (one bf16 rounding per token chunk); the PyTorch path accumulates in
+    fp32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        labels,
+        normalizer,
+        ignore_index,
+        group,
+        backend,
+        chunk_tokens,
+        need,
+        all_reduce_dh,
+    ):
+        T, H = hidden.shape
+        V = weight.shape[0]
+        device = hidden.device
+        vocab_start = _vocab_start(group, V)
+        need_dh, need_dw = need
+        Tc = _in_forward_chunk_tokens(T, V, device, chunk_tokens)
+        triton_path = backend == "triton"
+        lse = torch.empty(T, dtype=torch.float32, device=device)
+        tgt = torch.empty(T, dtype=torch.float32, device=device)
+        g = _grad_scale(torch.ones((), dtype=torch.float32, device=device), normalizer)
+        is_loss_token = labels != ignore_index
+        acc_dtype = weight.dtype if triton_path else torch.float32
+        dh = _alloc((T, H), hidden.dtype if triton_path else torch.float32, device) if need_dh else None
+        dw = torch.zeros((V, H), dtype=acc_dtype, device=device) if need_dw else None
+        for t0 in range(0, T, Tc):
+            t1 = min(t0 + Tc, T)
+            h_c, y_c = hidden[t0:t1], labels[t0:t1]
+            if triton_path:
+                z = h_c @ weight.T
+                m_c, s_c, tgt_c = _stats_triton_logits(z, y_c, vocab_start, None)
+            else:
+                z = h_c.float() @ weight.float().T
+                m_c, s_c, tgt_c = _stats_torch(z, y_c, vocab_start, t1 - t0, V, linear=False)
+            lse_c, tgt_c = _global_lse_and_target(m_c, s_c, tgt_c, group)
+            lse[t0:t1], tgt[t0:t1] = lse_c, tgt_c
+            if not (need_dh or need_dw):
+                continue
+            if triton_path:
+                dz = _logits_to_dlogits_triton(z, y_c, lse_c, g, vocab_start, ignore_index)
+                if need_dh:
+                    torch.mm(dz, weight, out=dh[t0:t1])
+                if need_dw:
+                    dw.addmm_(dz.T, h_c)
+            else:
+                dz = _dlogits_torch(z, y_c, is_loss_token[t0:t1], lse_c, g, vocab_start)
+                if need_dh:
+                    dh[t0:t1] = dz @ weight.float()
+                if need_dw:
+                    dw.addmm_(dz.T, h_c.float())
+            del z, dz
+        if need_dh and all_reduce_dh and group is not None and torch.distributed.get_world_size(group) > 1:
+            dh32 = dh.float()
+            torch.distributed.all_reduce(dh32, op=torch.distributed.ReduceOp.SUM, group=group)
+            dh.copy_(dh32)
+        ctx.save_for_backward(dh, dw)
+        ctx.dtype, ctx.consumed = hidden.dtype, False
+        return _finish_loss(lse, tgt, labels, ignore_index, normalizer)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.consumed:
+            raise RuntimeError(
+                "token_balanced_cross_entropy(grad_mode='in_forward') supports one backward per forward; "
+                "use grad_mode='recompute' to backpropagate through the loss more than once"
+            )
+        ctx.consumed = True
+        dh, dw = ctx.saved_tensors
+        scale = grad_out.detach().to(torch.float32).reshape(())
+        outs = []
+        for grad in (dh, dw):
+            if grad is None:
+                outs.append(None)
+                continue
+            # In place, in row blocks: no second full-size gradient buffer, fp32 multiply.
+            step = max(1, (1 << 22) // max(grad.shape[1], 1))
+            for r0 in range(0, grad.shape[0], step):
+                block = grad[r0 : r0 + step]
+                block.copy_(block.float() * scale)
+            outs.append(grad.to(ctx.dtype))
+        return outs[0], outs[1], None, None, None, None, None, None, None, None
+
+
 class _LogitsCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, normalizer, ignore_index, group, backend, chunks):
@@ -777,6 +910,7 @@ def token_balanced_cross_entropy(
     *,
     return_num_tokens: bool = False,
     all_reduce_hidden_grad: bool = True,
+    grad_mode: str = "recompute",
     backend: str = "auto",
     chunk_tokens: int | None = None,
     chunk_vocab: int | None = None,
@@ -805,6 +939,13 @@ def token_balanced_cross_entropy(
         all_reduce_hidden_grad: with ``P > 1`` all-reduce the hidden gradient over
             ``tp_group`` (it is the sum of every shard's contribution). Set False only if
             the caller already applies Megatron's ``copy_to_tensor_model_parallel_region``.
+        grad_mode: "recompute" (default): the backward recomputes the logits; 4 GEMM-sized
+            passes, fp32 accumulation everywhere, extra memory ``O(Tc·Vc + T·H)``.
+            "in_forward": the forward also computes the gradients from full-vocabulary
+            token chunks (3 GEMM-sized passes; ``chunk_tokens`` rows of ``[Tc, V_local]``
+            logits, ~2²⁷ elements by default on CUDA) and keeps them until backward;
+            ``dweight`` is accumulated over token chunks in the weight dtype on the Triton
+            path (one rounding per chunk); one backward per forward.
         backend: "auto" (Triton on CUDA, chunked PyTorch on CPU), "triton" (CUDA, or CPU
             under ``TRITON_INTERPRET=1``), "torch".
         chunk_tokens, chunk_vocab: chunk sizes of the backward and of the PyTorch path
@@ -838,11 +979,27 @@ def token_balanced_cross_entropy(
     _check_labels(labels, T, where, device, weight.shape[0] * _tp_size(tp_group), ignore_index, check_values)
     _check_normalizer(normalizer, where, device)
     _check_chunks(chunk_tokens, chunk_vocab, where)
+    if grad_mode not in ("recompute", "in_forward"):
+        raise ValueError(f"{where}: grad_mode must be 'recompute' or 'in_forward', got {grad_mode!r}")
     chosen = resolve_backend(backend, device, where)
     norm = _normalizer_for(normalizer, device)
     if T == 0:
         # Nothing to sum: keep the graph so that backward yields zero gradients.
         loss = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
+    elif grad_mode == "in_forward":
+        grad_on = torch.is_grad_enabled()
+        loss = _LinearCrossEntropyInForward.apply(
+            _contiguous_rows(hidden),
+            _contiguous_rows(weight),
+            labels.contiguous(),
+            norm,
+            ignore_index,
+            tp_group,
+            chosen,
+            chunk_tokens,
+            (grad_on and hidden.requires_grad, grad_on and weight.requires_grad),
+            all_reduce_hidden_grad,
+        )
     else:
         loss = _LinearCrossEntropy.apply(
             _contiguous_rows(hidden),

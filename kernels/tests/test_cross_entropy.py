@@ -115,6 +115,51 @@ def test_linear_matches_reference(dtype, backend, chunks):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("chunk_tokens", [None, 32])
+def test_in_forward_grad_mode_matches_reference(dtype, backend, chunk_tokens):
+    hidden, weight, labels = make_case(dtype=dtype, device=backend_device(backend))
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, normalizer=17.0)
+    # Seed 2.0: the stored gradients are scaled by the incoming gradient in backward.
+    loss, dh, dw = ours(
+        hidden,
+        weight,
+        labels,
+        scale=2.0,
+        normalizer=17.0,
+        backend=backend,
+        grad_mode="in_forward",
+        chunk_tokens=chunk_tokens,
+    )
+    assert_close_loss(loss, ref_loss, dtype)
+    assert dh.dtype == dtype and dw.dtype == dtype
+    assert grad_error(dh, 2 * ref_dh) <= TOL[dtype]["grad"]
+    assert grad_error(dw, 2 * ref_dw) <= TOL[dtype]["grad"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_in_forward_grad_mode_edges(backend):
+    hidden, weight, labels = make_case(T=21, V=90, device=backend_device(backend))
+    ref_loss, _, ref_dw = reference(hidden, weight, labels)
+    w = weight.clone().requires_grad_()
+    loss = token_balanced_cross_entropy(hidden, w, labels, backend=backend, grad_mode="in_forward")
+    loss.backward(retain_graph=True)
+    assert grad_error(w.grad.cpu(), ref_dw) <= 1e-5
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+    with torch.no_grad():
+        loss = token_balanced_cross_entropy(hidden, w, labels, backend=backend, grad_mode="in_forward")
+    torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-5, atol=1e-5)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = token_balanced_cross_entropy(
+        h, w, torch.full_like(labels, -100), backend=backend, grad_mode="in_forward"
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("chunk_vocab", [None, 100])
 def test_from_logits_matches_reference(dtype, backend, chunk_vocab):
     hidden, weight, labels = make_case(dtype=dtype, T=40, V=400)
@@ -244,6 +289,8 @@ def test_bad_options():
         token_balanced_cross_entropy(hidden, weight, labels, chunk_vocab=0)
     with pytest.raises(ValueError, match="backend must be"):
         token_balanced_cross_entropy(hidden, weight, labels, backend="cuda")
+    with pytest.raises(ValueError, match="grad_mode"):
+        token_balanced_cross_entropy(hidden, weight, labels, grad_mode="fused")
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         token_balanced_cross_entropy_from_logits(torch.zeros(3, 4, dtype=torch.float16), labels[:3])
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -67,6 +67,24 @@ def _worker(rank: int, init_file: str) -> None:
                 assert _rel(h.grad, h_ref.grad) <= tol, where
                 assert _rel(w.grad, w_ref.grad[shard]) <= tol, where
 
+                # Gradients computed in the forward: same values.
+                h1 = hidden.clone().requires_grad_()
+                w1 = weight[shard].clone().requires_grad_()
+                loss1 = token_balanced_cross_entropy(
+                    h1,
+                    w1,
+                    labels,
+                    40.0,
+                    tp_group=group,
+                    backend=backend,
+                    grad_mode="in_forward",
+                    chunk_tokens=20,
+                )
+                loss1.backward()
+                assert abs(loss1.item() - ref.item()) <= 1e-4 * abs(ref.item()), where
+                assert _rel(h1.grad, h_ref.grad) <= tol, where
+                assert _rel(w1.grad, w_ref.grad[shard]) <= tol, where
+
                 if full:
                     # Without the hidden-grad all-reduce each rank holds its shard's share.
                     h2 = hidden.clone().requires_grad_()
