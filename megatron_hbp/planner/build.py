@@ -162,7 +162,8 @@ def _pack_group(sizes: np.ndarray, cap: int, config: PlanConfig, rng: np.random.
 
 
 def _plan_epoch(lengths, loss_tokens, gid, config: PlanConfig, epoch: int, timer: _Timer, stats: dict):
-    """One epoch: returns (steps list of (group, layout [R*m] into global pack ids), pack arrays, drops)."""
+    """One epoch: (steps as (group, micro_batches, [R*m] group-local pack ids, -1 = empty),
+    per-group pack arrays (samples, offsets, loss tokens) in group order, dropped (samples, reason))."""
     rng = np.random.default_rng([config.seed, epoch])
     G = len(config.groups)
     N = len(lengths)
@@ -170,8 +171,6 @@ def _plan_epoch(lengths, loss_tokens, gid, config: PlanConfig, epoch: int, timer
     group_samples, group_off, group_loss = [], [], []
     steps = []  # (group, micro_batches, flat pack ids (local to group, -1 empty))
     drops = []
-    pack_base = 0
-    bases = [0] * G
     for g in range(G - 1, -1, -1):
         grp = config.groups[g]
         cap = grp.pack_length
@@ -251,8 +250,6 @@ def _plan_epoch(lengths, loss_tokens, gid, config: PlanConfig, epoch: int, timer
             drops.append((ds, PARTIAL))
         _record_balance(stats, g, config, attn[full], cost[full], R, m, rng, lay_pos)
         timer.lap("balancing")
-        bases[g] = pack_base
-        pack_base += nb
         group_samples.append(samp)
         group_off.append(off)
         group_loss.append(loss)
@@ -260,7 +257,7 @@ def _plan_epoch(lengths, loss_tokens, gid, config: PlanConfig, epoch: int, timer
     group_samples.reverse()
     group_off.reverse()
     group_loss.reverse()
-    return steps, bases, group_samples, group_off, group_loss, drops
+    return steps, group_samples, group_off, group_loss, drops
 
 
 def _record_balance(stats, g, config, attn, cost, R, m, rng, chosen) -> None:
@@ -322,9 +319,7 @@ def build_plan(
     d_idx, d_rsn, d_ep = [], [], []
     pack_total, samp_total = 0, 0
     for epoch in range(config.epochs):
-        steps, bases, gs, goff, gloss, drops = _plan_epoch(
-            lengths, loss_tokens, gid, config, epoch, timer, stats
-        )
+        steps, gs, goff, gloss, drops = _plan_epoch(lengths, loss_tokens, gid, config, epoch, timer, stats)
         if len(too_long):
             drops.insert(0, (too_long, TOO_LONG))
         for ds, r in drops:
