@@ -5,7 +5,8 @@ CPU check that it runs (numbers meaningless):  ... bench_cross_entropy --cpu-smo
 
 For each shape (default: T=8192/H=4096/V=128256, T=32768, and V=151936 (Qwen2.5), bf16)
 it measures, in the same process:
-- ours: ``token_balanced_cross_entropy(hidden, weight, labels, normalizer)`` fwd+bwd;
+- ours: ``token_balanced_cross_entropy(hidden, weight, labels, normalizer)`` fwd+bwd, for
+  both ``grad_mode="recompute"`` (default) and ``grad_mode="in_forward"``;
 - torch eager: ``F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum") / N``
   fwd+bwd (bf16 logits upcast to fp32, as Megatron/HF losses do);
 - the matmul floor: 3 x the time of one plain bf16 ``hidden @ weight.T`` (the forward
@@ -39,8 +40,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return T, H, V
 
 
-def ours_step(hidden, weight, labels, normalizer):
-    loss = token_balanced_cross_entropy(hidden, weight, labels, normalizer)
+def ours_step(hidden, weight, labels, normalizer, grad_mode="recompute"):
+    loss = token_balanced_cross_entropy(hidden, weight, labels, normalizer, grad_mode=grad_mode)
     loss.backward()
     return loss
 
@@ -104,11 +105,18 @@ def run_shape(T: int, H: int, V: int, dtype, device, warmup: int, iters: int, sk
         weight.grad = None
 
     rows = []
-    ours_ms, ours_gb = measure(
-        lambda: ours_step(hidden, weight, labels, normalizer), device, warmup, iters, reset
-    )
-    loss_ours = ours_step(hidden, weight, labels, normalizer).detach()
-    grads_ours = (hidden.grad.clone(), weight.grad.clone())
+    ours = {}
+    for mode in ("recompute", "in_forward"):
+        ms, peak = measure(
+            lambda mode=mode: ours_step(hidden, weight, labels, normalizer, mode),
+            device,
+            warmup,
+            iters,
+            reset,
+        )
+        reset()
+        loss = ours_step(hidden, weight, labels, normalizer, mode).detach()
+        ours[mode] = (ms, peak, loss, hidden.grad.clone(), weight.grad.clone())
     reset()
     with torch.no_grad():
         mm_ms, _ = measure(lambda: hidden @ weight.T, device, warmup, iters)
@@ -119,32 +127,33 @@ def run_shape(T: int, H: int, V: int, dtype, device, warmup: int, iters: int, sk
             eager_ms, eager_gb = measure(
                 lambda: eager_step(hidden, weight, labels, normalizer), device, warmup, iters, reset
             )
-            loss_eager = eager_step(hidden, weight, labels, normalizer).detach()
-            diffs = (
-                rel_diff(loss_ours, loss_eager),
-                rel_diff(grads_ours[0], hidden.grad),
-                rel_diff(grads_ours[1], weight.grad),
-            )
             reset()
-            eager = (eager_ms, eager_gb, diffs)
+            loss_eager = eager_step(hidden, weight, labels, normalizer).detach()
+            eager = (eager_ms, eager_gb, loss_eager, hidden.grad.clone(), weight.grad.clone())
+            reset()
         except torch.OutOfMemoryError:
             reset()
             eager = "OOM"
     shape = f"{T}x{H}x{V}"
-    rows.append(f"{shape:>20} {'ours':>12} {ours_ms:>9.2f} {gb(ours_gb):>10} {ours_ms / floor_ms:>9.2f}x")
+    for mode, (ms, peak, loss, dh, dw) in ours.items():
+        label = f"ours {mode}"
+        line = f"{shape:>20} {label:>16} {ms:>9.2f} {gb(peak):>10} {ms / floor_ms:>9.2f}x"
+        if isinstance(eager, tuple):
+            ratio_mem = "n/a" if eager[1] != eager[1] else f"{peak / eager[1]:.1%}"
+            line += (
+                f" {ms / eager[0]:>9.2f}x {ratio_mem:>10}   (rel diff vs eager: loss {rel_diff(loss, eager[2]):.1e},"
+                f" dhidden {rel_diff(dh, eager[3]):.1e}, dweight {rel_diff(dw, eager[4]):.1e})"
+            )
+        rows.append(line)
+        shape = ""
     if isinstance(eager, tuple):
-        eager_ms, eager_gb, diffs = eager
         rows.append(
-            f"{'':>20} {'torch eager':>12} {eager_ms:>9.2f} {gb(eager_gb):>10} {eager_ms / floor_ms:>9.2f}x"
-        )
-        rows.append(
-            f"{'':>20} {'ours/eager':>12} {ours_ms / eager_ms:>9.2f}x {'n/a' if eager_gb != eager_gb else f'{ours_gb / eager_gb:.1%}':>10}"
-            f"   (max rel diff vs eager: loss {diffs[0]:.1e}, dhidden {diffs[1]:.1e}, dweight {diffs[2]:.1e})"
+            f"{'':>20} {'torch eager':>16} {eager[0]:>9.2f} {gb(eager[1]):>10} {eager[0] / floor_ms:>9.2f}x"
         )
     else:
-        rows.append(f"{'':>20} {'torch eager':>12} {eager:>9}")
+        rows.append(f"{'':>20} {'torch eager':>16} {eager:>9}")
     rows.append(
-        f"{'':>20} {'mm floor':>12} {floor_ms:>9.2f} {'':>10} {1.0:>9.2f}x   (3 x {mm_ms:.2f} ms bf16 GEMM)"
+        f"{'':>20} {'matmul floor':>16} {floor_ms:>9.2f} {'':>10} {1.0:>9.2f}x   (3 x {mm_ms:.2f} ms bf16 GEMM)"
     )
     return rows
 
@@ -178,7 +187,10 @@ def main(argv=None) -> None:
         torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke: numbers not meaningful)"
     )
     print(f"token_balanced_cross_entropy fwd+bwd on {name}, {args.dtype}, torch {torch.__version__}")
-    header = f"{'T x H x V':>20} {'method':>12} {'ms':>9} {'+peak GB':>10} {'vs floor':>10}"
+    header = (
+        f"{'T x H x V':>20} {'method':>16} {'ms':>9} {'+peak GB':>10} {'vs floor':>10} {'vs eager':>10} "
+        f"{'mem/eager':>10}"
+    )
     print(header)
     print("-" * len(header))
     for T, H, V in shapes:
