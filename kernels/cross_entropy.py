@@ -26,6 +26,11 @@ and ``dweight[Vc] = dzᵀ · hidden`` (fp32 accumulation; written once in the we
 Extra memory is ``O(Tc·Vc + T·H)``, never ``O(T·V)``. With tensor parallelism ``dhidden``
 is all-reduced (the hidden states are replicated over the group) unless the caller does it.
 
+``grad_mode="in_forward"`` (opt-in) trades one GEMM for precision/flexibility: per token
+chunk the full-vocabulary logits ``[Tc, V]`` are built once, reduced to ``lse``, turned
+into ``dz`` and consumed immediately (3 GEMM-sized passes instead of 4); the gradients are
+kept until the backward scales them by ``g`` (see ``_LinearCrossEntropyInForward``).
+
 Layout: Triton kernels (fused linear forward/backward tiles with ``tl.dot``; logits
 forward/backward tiles), the chunked PyTorch implementation (the CPU fallback), plain fp32
 references for tests, the ``torch.autograd.Function``s and the public functions.
