@@ -11,8 +11,9 @@ Layers (imports only go downwards):
 __version__ = "0.1.0"
 
 
-def load_plan(path):
-    """Read a saved plan (see ``megatron_hbp.planner``)."""
+def load_plan(path, **kwargs):
+    """Read a saved plan; ``fingerprint=`` / ``lengths=`` check it against sample info
+    (see ``megatron_hbp.planner.load_plan``)."""
     from megatron_hbp.planner import load_plan as _load_plan
 
-    return _load_plan(path)
+    return _load_plan(path, **kwargs)
