@@ -165,6 +165,29 @@ def check_compatible(saved: dict, current: dict, path) -> None:
         )
 
 
+def _inner_torch_optimizers(optimizer) -> list:
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [o.optimizer for o in chained if hasattr(o, "optimizer")]
+
+
+def _load_dist_opt_state(optimizer, f: Path) -> None:
+    """``load_parameter_state`` with two Megatron 0.19.2 quirks of the non-TE (torch Adam) path
+    worked around: it copies into every tensor of a param's state, including the ``step``
+    tensor the file does not hold (KeyError), and ``load_state_dict`` gave every param the
+    SAME ``step`` tensor (torch's Adam increments it in place once per param)."""
+    inner = _inner_torch_optimizers(optimizer)
+    steps = []
+    for opt in inner:
+        for st in opt.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                steps.append((st, st["step"].detach().clone()))
+                st["step"] = float(st["step"])
+    with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+        optimizer.load_parameter_state(str(f))
+    for st, step in steps:
+        st["step"] = step.clone()
+
+
 def load_checkpoint(
     path, *, rank: int, model, optimizer, scheduler, current_meta: dict, distributed_optimizer=False
 ) -> int:
@@ -182,7 +205,7 @@ def load_checkpoint(
         f = _dist_opt_file(path)
         if not f.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no distributed-optimizer state {f.name}")
-        optimizer.load_parameter_state(str(f))
+        _load_dist_opt_state(optimizer, f)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_states(state["rng"])
     return int(state["steps_done"])

@@ -435,13 +435,9 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     if cfg.checkpoint.load:
         try:
             start = ckpt.load_checkpoint(
-                cfg.checkpoint.load,
-                rank=rank,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                current_meta=meta,
-            )
+                cfg.checkpoint.load, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
+                current_meta=meta, distributed_optimizer=oc.use_distributed_optimizer,
+            )  # fmt: skip
         except (ckpt.CheckpointMismatchError, FileNotFoundError) as e:
             raise TrainSetupError(str(e)) from None
         if rank == 0:
@@ -566,14 +562,9 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         )
         if save_now:
             path = ckpt.save_checkpoint(
-                cfg.checkpoint.dir,
-                done,
-                rank=rank,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                meta=meta,
-            )
+                cfg.checkpoint.dir, done, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
+                meta=meta, distributed_optimizer=oc.use_distributed_optimizer,
+            )  # fmt: skip
             if rank == 0:
                 print(f"[hbp] saved checkpoint {path}", flush=True)
     logger.close()
