@@ -211,3 +211,17 @@ def test_gpu_large_matches_reference(cp):
     expected = attention_cost_reference(lengths, offsets, cp)
     got = attention_cost(lengths.cuda().int(), offsets.cuda(), cp)
     assert torch.equal(got.cpu(), expected)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    from megatron_hbp.kernels.utils import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, "f") == "torch"
+    assert resolve_backend("torch", torch.device("cuda"), "f") == "torch"
+    assert resolve_backend("auto", torch.device("cuda"), "f") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", cpu, "f")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", cpu, "f") == "triton"
