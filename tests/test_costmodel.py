@@ -60,6 +60,7 @@ UNIT_EFF = Efficiency(
     nvlink_efficiency=1.0,
     network_efficiency=1.0,
     microbatch_overhead_s=0.0,
+    cp_compute_efficiency=1.0,
 )
 NO_OVERLAP = TrainingSetup(overlap_cp_comm=False, overlap_dp_comm=False, memory_reserve_gib=0.0)
 ATTN_S_PER_PAIR = 3.5 * 2 * 256 / 0.93696e12  # (1 + 2.5) L F_a / peak
@@ -180,6 +181,30 @@ def test_cp_comm_hand_case_without_overlap():
     # one recomputed layer adds one more forward exchange: 7 units
     _, comm_k = cm.microbatch_breakdown([1500], pairs, 2, 1)
     assert comm_k[0] == pytest.approx(7 * 96000 / 1e9)
+
+
+def test_cp_compute_efficiency_scales_cp_compute_only():
+    slow = CostModel(
+        MINI,
+        UNIT_GPU,
+        num_gpus=2,
+        setup=NO_OVERLAP,
+        efficiency=Efficiency(**{**UNIT_EFF.__dict__, "cp_compute_efficiency": 0.5}),
+    )
+    pairs = np.array([[562875, 562875]])
+    compute, comm = slow.microbatch_breakdown([1500], pairs, 2, 0)
+    assert compute[0] == pytest.approx(2 * (7.5e-4 + 562875 * ATTN_S_PER_PAIR))
+    assert comm[0] == pytest.approx(5.76e-4)  # communication is not a compute cost
+    assert slow.microbatch_time([1600], [[680800]], 1, 0)[0] == pytest.approx(
+        1.6e-3 + 680800 * ATTN_S_PER_PAIR
+    )
+
+
+def test_balance_linear_coef_hand_value():
+    # 2 * (dense s per token) / (attention s per pair) = 2 * 936960 / 1792 with unit efficiencies
+    assert unit_model().balance_linear_coef() == pytest.approx(2 * 936960 / 1792)
+    # one recomputed layer: 2 * (936960 + 92160) / (1792 + 256)
+    assert unit_model().balance_linear_coef(1) == pytest.approx(2 * 1029120 / 2048)
 
 
 def test_cp_comm_overlap_hides_behind_attention():

@@ -157,6 +157,8 @@ class TrainingSetup:
     6 and 28); a first-principles guess would be ~6 GiB."""
     attention_backward_factor: float = 2.5
     """Attention backward FLOPs / forward FLOPs (2.5 for FlashAttention-2)."""
+    activation_bytes: int = 2
+    """Bytes per stored activation element (2 for bf16 training; 4 for an fp32 run)."""
 
     def __post_init__(self):
         if self.tensor_parallel < 1:
@@ -432,11 +434,12 @@ class CostModel:
         t = self.setup.tensor_parallel
         h, f = self.model.hidden_size, self.model.ffn_hidden_size
         a = self.model.num_attention_heads
-        return 2.0 * (4 * h + (2 * self.q_dim + 2 * self.kv_dim + 3 * f) / t) + 4.0 * a / t
+        b = float(self.setup.activation_bytes)
+        return b * (4 * h + (2 * self.q_dim + 2 * self.kv_dim + 3 * f) / t) + 4.0 * a / t
 
     def checkpoint_layer_bytes_per_token(self) -> float:
         """Activation bytes one token keeps in one recomputed layer (its input)."""
-        return 2.0 * self.model.hidden_size
+        return float(self.setup.activation_bytes) * self.model.hidden_size
 
     def static_bytes(self) -> tuple[float, float, float]:
         """(weights, gradients, optimizer states) bytes per GPU."""
@@ -453,7 +456,12 @@ class CostModel:
         h, V = self.model.hidden_size, self.model.vocab_size
         T = pack_tokens / cp
         full, ckpt = self.full_layer_bytes_per_token() * T, self.checkpoint_layer_bytes_per_token() * T
-        act = (L - k) * full + k * ckpt + (full if k > 0 else 0.0) + 3 * 2.0 * h * T
+        act = (
+            (L - k) * full
+            + k * ckpt
+            + (full if k > 0 else 0.0)
+            + 3 * self.checkpoint_layer_bytes_per_token() * T
+        )
         if self.setup.fused_loss:
             loss = 4.0 * h * T + 6.0 * min(T, self.setup.fused_loss_chunk_tokens) * V / t
         else:

@@ -130,7 +130,8 @@ class MeasuredProfiler(Profiler):
         memory_budget_bytes: defaults to the GPU's total memory.
         attention_backend: passed to ``megatron_hbp.mcore.model.build_model``.
 
-    Uses ``megatron_hbp.mcore.model.build_model`` / ``set_recompute``,
+    Uses ``megatron_hbp.mcore.train.init_distributed``, ``megatron_hbp.mcore.model.build_model`` /
+    ``set_recompute``,
     ``megatron_hbp.mcore.batch.build_packed_batch`` / ``to_model_inputs`` and
     ``megatron_hbp.mcore.loss.token_losses`` (the training path), bf16, random token ids.
     """
@@ -168,13 +169,11 @@ class MeasuredProfiler(Profiler):
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         from megatron_hbp.mcore.model import build_model
+        from megatron_hbp.mcore.train import init_distributed
 
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(
-                "nccl", init_method="tcp://127.0.0.1:29533", world_size=1, rank=0
-            )
+        init_distributed()  # single process unless launched by torchrun
         if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel()
+            parallel_state.initialize_model_parallel(1, 1)
         model_parallel_cuda_manual_seed(self.seed)
         self._model = build_model(
             self.model_cfg, dtype=torch.bfloat16, attention_backend=self.attention_backend
