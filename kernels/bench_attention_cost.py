@@ -1,6 +1,6 @@
 """Benchmark of attention_cost: time and achieved bandwidth against a device-to-device copy.
 
-GPU (one command):  python -m megatron_hbp.kernels.bench_attention_cost
+GPU (one command):  python kernels/bench_attention_cost.py
 CPU check that it runs (numbers meaningless):  ... bench_attention_cost --cpu-smoke
 
 Bandwidth counts bytes read + written: ours reads the lengths and offsets and writes the
@@ -18,7 +18,18 @@ import time
 
 import torch
 
-from megatron_hbp.kernels import attention_cost, attention_cost_reference
+try:
+    from megatron_hbp.kernels import attention_cost, attention_cost_reference
+except ImportError:  # a checkout without `pip install -e .` (e.g. a bare GPU machine)
+    import sys
+    from pathlib import Path
+
+    _root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(_root))
+    import megatron_hbp
+
+    megatron_hbp.__path__.append(str(_root))  # megatron_hbp.kernels -> <repo>/kernels
+    from megatron_hbp.kernels import attention_cost, attention_cost_reference
 
 
 def make_packs(num_docs: int, num_packs: int, max_len: int, dtype: torch.dtype, seed: int):

@@ -1,6 +1,6 @@
 """Benchmark of token_balanced_cross_entropy (forward + backward) against torch eager.
 
-GPU (one command):  python -m megatron_hbp.kernels.bench_cross_entropy
+GPU (one command):  python kernels/bench_cross_entropy.py
 CPU check that it runs (numbers meaningless):  ... bench_cross_entropy --cpu-smoke
 
 For each shape (default: T=8192/H=4096/V=128256, T=32768, and V=151936 (Qwen2.5), bf16)
@@ -25,7 +25,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_hbp.kernels import token_balanced_cross_entropy
+try:
+    from megatron_hbp.kernels import token_balanced_cross_entropy
+except ImportError:  # a checkout without `pip install -e .` (e.g. a bare GPU machine)
+    import sys
+    from pathlib import Path
+
+    _root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(_root))
+    import megatron_hbp
+
+    megatron_hbp.__path__.append(str(_root))  # megatron_hbp.kernels -> <repo>/kernels
+    from megatron_hbp.kernels import token_balanced_cross_entropy
 
 DEFAULT_SHAPES = ["8192x4096x128256", "32768x4096x128256", "8192x4096x151936"]
 
