@@ -393,3 +393,23 @@ def test_time_grows_with_recompute_and_attention():
     t_long = cm.microbatch_time([16000], long, 1, 0)[0]
     assert t_long - t0 == pytest.approx(extra_pairs * 3.5 * 32 * 16384 / (989.4e12 * 0.40), rel=1e-9)
     assert math.isfinite(t24)
+
+
+def test_calibration_grid_and_holdout_with_a_stand_in_measurement():
+    """The GPU calibration recipe end to end, with a cost model of other efficiencies standing in for
+    the GPU: the grid has 0 / half / all recompute per length, and held-out errors vanish."""
+    from megatron_hbp.costmodel.profiler import calibration_settings, holdout_calibration, measure_points
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(200, 3000, 400), rng.integers(3000, 30000, 20)])
+    settings = calibration_settings(lengths, 16, tokens_per_setting=32768)
+    assert [(s[1], s[3]) for s in settings] == [
+        (n, k) for n in (4096, 8192, 16384, 32768) for k in (0, 8, 16)
+    ]
+    truth = Efficiency(dense_mfu=0.5, attention_mfu=0.3, microbatch_overhead_s=0.01)
+    points = measure_points(
+        AnalyticProfiler(CostModel("llama_1b", "h100_sxm", num_gpus=1, efficiency=truth)), settings
+    )
+    rep, held = holdout_calibration(CostModel("llama_1b", "h100_sxm", num_gpus=1), points)
+    assert rep.efficiency.dense_mfu == pytest.approx(0.5, rel=1e-6)
+    assert np.abs(held).max() < 1e-9

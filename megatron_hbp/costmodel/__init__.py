@@ -20,6 +20,8 @@ from megatron_hbp.costmodel.profiler import (
     Profiler,
     ProfileResult,
     calibrate,
+    calibration_settings,
+    holdout_calibration,
     measure_points,
 )
 from megatron_hbp.costmodel.select import (
@@ -65,6 +67,8 @@ __all__ = [
     "TrainingSetup",
     "available_hardware",
     "calibrate",
+    "calibration_settings",
+    "holdout_calibration",
     "default_strategies",
     "find_best_sp_ckpt",
     "format_table",

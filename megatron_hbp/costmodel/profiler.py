@@ -336,3 +336,42 @@ def measure_points(profiler: Profiler, settings: list[tuple[list, int, int, int]
             CalibrationPoint(packs=packs, pack_length=length, cp=cp, recompute_layers=k, time_s=r.time_s)
         )
     return out
+
+
+def calibration_settings(
+    lengths: np.ndarray,
+    num_layers: int,
+    *,
+    pack_lengths=(4096, 8192, 16384, 32768),
+    tokens_per_setting: int = 32768,
+    seed: int = 0,
+) -> list[tuple[list, int, int, int]]:
+    """The issue's single-GPU calibration grid: CP 1, each pack length with 0, half and all layers
+    recomputed (12 settings for 4 lengths), packs drawn from ``lengths`` (``select.profile_packs``)
+    so that every setting processes about ``tokens_per_setting`` tokens.
+
+    Returns ``(packs, pack_length, cp, recompute_layers)`` tuples for ``measure_points``."""
+    from megatron_hbp.costmodel.select import profile_packs
+
+    out = []
+    for length in pack_lengths:
+        packs = profile_packs(lengths, length, max(1, tokens_per_setting // length), seed=seed)
+        for k in sorted({0, num_layers // 2, num_layers}):
+            out.append((packs, length, 1, k))
+    return out
+
+
+def holdout_calibration(
+    cost_model: CostModel, points: list[CalibrationPoint], holdout_every: int = 3
+) -> tuple[CalibrationReport, np.ndarray]:
+    """Fit on all points but every ``holdout_every``-th and report the relative errors of the fitted
+    model on the held-out ones: (fit report, held-out relative errors)."""
+    held = [p for i, p in enumerate(points) if i % holdout_every == holdout_every - 1]
+    train = [p for i, p in enumerate(points) if i % holdout_every != holdout_every - 1]
+    if not held or not train:
+        raise ValueError("holdout_calibration: need points both to fit and to hold out")
+    rep = calibrate(cost_model, train)
+    fitted = cost_model.with_efficiency(rep.efficiency)
+    pred = np.array([_predict(fitted, p) for p in held])
+    meas = np.array([p.time_s for p in held])
+    return rep, (pred - meas) / meas
