@@ -118,7 +118,8 @@ def describe(cm: CostModel) -> str:
         f"model {cm.model.name} ({cm.model.num_parameters() / 1e9:.2f}B), {cm.num_gpus} x {hw.name} "
         f"({cm.gpus_per_node}/node, {hw.memory_gib} GiB), TP {s.tensor_parallel}; efficiency: dense {e.dense_mfu}, "
         f"attention {e.attention_mfu}, HBM {e.hbm_efficiency}, NVLink {e.nvlink_efficiency}, "
-        f"network {e.network_efficiency}, overhead {e.microbatch_overhead_s * 1e3:g} ms/micro-batch; "
+        f"network {e.network_efficiency}, CP compute {e.cp_compute_efficiency}, "
+        f"overhead {e.microbatch_overhead_s * 1e3:g} ms/micro-batch; "
         f"reserve {s.memory_reserve_gib} GiB, fused loss {s.fused_loss}, distributed optimizer {s.distributed_optimizer}"
     )
 
