@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+
+from megatron_hbp.configio import to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "test_cp_equivalence_worker.py"
@@ -56,6 +59,18 @@ def write_jsonl(path: Path, seed: int = 0) -> None:
                 )
             )
             f.write("\n")
+
+
+def write_model_yaml(path: Path) -> None:
+    """The tiny preset with a 10x larger init: at the default std (0.02) attention scores are
+    ~0, so attention barely moves the loss and a wrong attention forward could hide in the
+    rounding. With std 0.2 the scores are O(1) (checked: scaling the CP softmax by 1.0001
+    then fails this test)."""
+    from megatron_hbp.model_config import load_model_config
+
+    tiny = to_dict(load_model_config("tiny"))
+    tiny.update(name="tiny_sharp", init_method_std=0.2)
+    path.write_text(yaml.safe_dump(tiny))
 
 
 def single_process_copy(plan):
@@ -96,6 +111,7 @@ def work(tmp_path_factory):
     from megatron_hbp.planner import GroupConfig, PlanConfig, build_plan
 
     w = tmp_path_factory.mktemp("cp_equiv")
+    write_model_yaml(w / "model.yaml")
     write_jsonl(w / "data.jsonl")
     preprocess(w / "data.jsonl", w / "info.npz", template="mistral", progress=False)
     info = load_sample_info(w / "info.npz")

@@ -1,7 +1,7 @@
 """Worker of tests/test_cp_equivalence.py (not a test module: it holds no tests).
 
 Run as ``python tests/test_cp_equivalence_worker.py WORKDIR PLAN NAME`` (one process) or
-under ``torchrun --nproc-per-node 4``. Trains the tiny model on ``WORKDIR/PLAN`` through the
+under ``torchrun --nproc-per-node 4``. Trains the model of ``WORKDIR/model.yaml`` on ``WORKDIR/PLAN`` through the
 trainer's public ``run`` and, on rank 0, saves per step: the loss and group/cp (records), the
 reduced gradients, and the weights before the step's update (``WORKDIR/NAME.pt``), plus the
 weights after the last step (one extra hook-less step is not possible, so the last plan step
@@ -24,7 +24,7 @@ def main(argv):
     torch.set_num_threads(1)
     rank, _, _ = init_distributed()
     cfg = TrainConfig(
-        model="tiny",
+        model=str(work / "model.yaml"),
         data=DataConfig(sample_info=str(work / "info.npz"), num_workers=0),
         plan=PlanSource(path=str(work / plan_file)),
         optimizer=OptimizerConfig(lr=1e-3, warmup_steps=1, clip_grad=1.0),
