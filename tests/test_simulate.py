@@ -202,6 +202,7 @@ class _Group:
         return self.n
 
 
+@pytest.mark.slow
 def test_dynamic_cp_port_equals_megatron_upstream():
     """Our torch-free BalancedCPScheduler gives exactly megatron-core 0.19.2's schedules."""
     pytest.importorskip("torch")
