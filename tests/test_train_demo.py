@@ -38,7 +38,7 @@ def test_demo_end_to_end(tmp_path):
     assert [r["step"] for r in recs] == list(range(steps))
     losses = [r["loss"] for r in recs]
     assert losses[0] > 10.0  # ~ln(32000) at init
-    assert max(losses[-3:]) < losses[0] - 1.0, losses  # clearly falling
+    assert max(losses[-3:]) < losses[0] - 0.5, losses  # clearly falling (full demo: ~10.4 -> ~6)
     for r in recs:
         assert r["loss_tokens"] > 0 and r["tokens"] > 0 and r["group"] in (0, 1) and r["cp"] in (1, 2)
         assert len(r["attn_pairs_per_rank"]) == 2

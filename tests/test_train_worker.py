@@ -126,10 +126,19 @@ def scenario_single(work: Path, rank: int) -> dict:
 
     recs = run(_cfg(work, "plan_w1.npz", max_steps=2), on_grads=hook)
     torch.save({k: v for k, v in grads.items() if k != "_n"}, work / "grads_single.pt")
+    fused_grads = {}
+    fused = run(_cfg(work, "plan_w1.npz", max_steps=2, loss_impl="fused"), on_grads=_grab_grads(fused_grads))
+    torch.save({k: v for k, v in fused_grads.items() if k != "_n"}, work / "grads_fused.pt")
     other = {}
     for mode in ("sample_mean", "micro_batch_mean"):
         other[mode] = run(_cfg(work, "plan_w1.npz", max_steps=1, loss_normalization=mode))[0]["loss"]
-    return {"losses": [r["loss"] for r in recs], "manual": manual, "other_modes": other, "records": recs}
+    return {
+        "losses": [r["loss"] for r in recs],
+        "losses_fused": [r["loss"] for r in fused],
+        "manual": manual,
+        "other_modes": other,
+        "records": recs,
+    }
 
 
 def scenario_stable2(work: Path, rank: int) -> dict:
@@ -189,7 +198,13 @@ def scenario_tp2(work: Path, rank: int) -> dict:
     from megatron_hbp.mcore.train import run
 
     recs = run(_cfg(work, "plan_w1.npz", max_steps=2, parallel=ParallelConfig(tp=2)))
-    return {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs]}
+    fused = run(_cfg(work, "plan_w1.npz", max_steps=2, parallel=ParallelConfig(tp=2), loss_impl="fused"))
+    return {
+        "losses": [r["loss"] for r in recs],
+        "grad_norms": [r["grad_norm"] for r in recs],
+        "losses_fused": [r["loss"] for r in fused],
+        "grad_norms_fused": [r["grad_norm"] for r in fused],
+    }
 
 
 def scenario_bad(work: Path, rank: int) -> dict:

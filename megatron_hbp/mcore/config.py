@@ -148,6 +148,9 @@ class TrainConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     attention_backend: str = "auto"
     """'auto', 'te', 'varlen' or 'sdpa' (see megatron_hbp.mcore.attention)."""
+    loss_impl: str = "auto"
+    """'megatron' (CE on logits), 'fused' (megatron_hbp.kernels linear + CE, no logits; stable loss
+    only) or 'auto' (fused on CUDA with step_token_mean, else megatron)."""
     metrics_file: str | None = None
     """JSONL file with one record per step (``--metrics-file`` overrides)."""
     tensorboard_dir: str | None = None
@@ -168,6 +171,10 @@ class TrainConfig:
             raise ConfigError(f"dtype '{self.dtype}': use auto, bf16 or fp32")
         if self.attention_backend not in ("auto", "te", "varlen", "sdpa"):
             raise ConfigError(f"attention_backend '{self.attention_backend}': use auto, te, varlen or sdpa")
+        if self.loss_impl not in ("auto", "megatron", "fused"):
+            raise ConfigError(f"loss_impl '{self.loss_impl}': use auto, megatron or fused")
+        if self.loss_impl == "fused" and self.loss_normalization != "step_token_mean":
+            raise ConfigError("loss_impl 'fused' only supports loss_normalization 'step_token_mean'")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.log_interval < 1:

@@ -10,9 +10,10 @@ which the plan also knows (``Step.loss_tokens``); the trainer checks both agree 
 so the loss is Σ token losses / step loss tokens whatever the split into micro-batches,
 replicas and CP ranks.
 
-The per-token cross entropy comes from one function, :func:`token_losses`: Megatron's
-vocab-parallel CE on the logits (any TP); the fused kernel
-``megatron_hbp.kernels.token_balanced_cross_entropy`` plugs in here when it lands.
+The cross entropy comes from one function, :func:`token_losses`: Megatron's vocab-parallel CE
+on materialised logits (any TP, any weights), or the fused linear + CE kernel
+``megatron_hbp.kernels.token_balanced_cross_entropy`` through GPTModel's ``output_processor``
+(no ``[t, V]`` logits; vocab-parallel; uniform weights, i.e. the stable loss).
 """
 
 from __future__ import annotations
@@ -21,9 +22,57 @@ import functools
 
 import torch
 
+LOSS_IMPLS = ("auto", "megatron", "fused")
 
-def token_losses(model, inputs: dict) -> torch.Tensor:
-    """fp32 ``[1, t]`` cross entropy of every token (0 weight handled by the caller)."""
+
+def resolve_loss_impl(requested: str, loss_normalization: str) -> str:
+    """``auto``: the fused kernel on CUDA for the stable loss (uniform token weights), else
+    Megatron's vocab-parallel CE on materialised logits."""
+    if requested not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl '{requested}' unknown; choose one of {', '.join(LOSS_IMPLS)}")
+    if requested == "fused" and loss_normalization != "step_token_mean":
+        raise ValueError(
+            f"loss_impl 'fused' sums uniformly weighted tokens; it cannot do loss_normalization "
+            f"'{loss_normalization}': use loss_impl 'megatron'"
+        )
+    if requested == "auto":
+        return (
+            "fused" if torch.cuda.is_available() and loss_normalization == "step_token_mean" else "megatron"
+        )
+    return requested
+
+
+def _fused_output_processor(*, hidden_states, output_layer, output_weight, labels, loss_mask, context, **_):
+    """GPTModel ``output_processor``: Σ CE over loss tokens from the hidden states, no logits."""
+    from megatron_hbp.kernels import token_balanced_cross_entropy
+
+    weight = output_weight if output_weight is not None else output_layer.weight
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [s, 1, h] -> [s, h]
+    targets = labels.reshape(-1).masked_fill(loss_mask.reshape(-1) == 0, -100)
+    return token_balanced_cross_entropy(hidden, weight, targets, None, tp_group=context["tp_group"])
+
+
+def token_losses(model, inputs: dict, impl: str = "megatron") -> torch.Tensor:
+    """The one loss seam. ``megatron``: fp32 ``[1, t]`` per-token CE (weights applied by
+    ``loss_func``). ``fused``: 0-dim Σ CE over the loss tokens (weights must all be 1)."""
+    if impl == "fused":
+        from megatron.core import parallel_state
+
+        tp = (
+            parallel_state.get_tensor_model_parallel_group()
+            if parallel_state.model_parallel_is_initialized()
+            else None
+        )
+        return model(
+            inputs["tokens"],
+            None,
+            None,
+            labels=inputs["labels"],
+            loss_mask=inputs["loss_mask"],
+            packed_seq_params=inputs["packed_seq_params"],
+            output_processor=_fused_output_processor,
+            output_processor_context={"tp_group": tp if tp is not None and tp.size() > 1 else None},
+        )
     return model(
         inputs["tokens"],
         None,
@@ -34,18 +83,23 @@ def token_losses(model, inputs: dict) -> torch.Tensor:
 
 
 def loss_func(loss_weight: torch.Tensor, denominator: int, output: torch.Tensor):
-    """Megatron 3-tuple: ``(Σ w·ce, int denominator, report [weighted sum, denominator])``."""
-    losses = output.float().reshape(-1)
-    weighted = (losses * loss_weight.reshape(-1)).sum()
-    denom = torch.tensor(denominator, dtype=torch.int, device=losses.device)
-    report = torch.stack([weighted.detach(), denom.to(torch.float64).to(weighted.dtype)])
+    """Megatron 3-tuple: ``(Σ w·ce, int denominator, report [weighted sum, denominator])``.
+
+    ``output`` is the per-token CE ``[1, t]`` or, from the fused path, the already summed 0-dim
+    loss (uniform weights)."""
+    if output.dim() == 0:
+        weighted = output.float()
+    else:
+        weighted = (output.float().reshape(-1) * loss_weight.reshape(-1)).sum()
+    denom = torch.tensor(denominator, dtype=torch.int, device=weighted.device)
+    report = torch.stack([weighted.detach(), denom.to(weighted.dtype)])
     return weighted, denom, {"loss": report}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, impl: str = "megatron"):
     """``forward_step_func`` for ``get_forward_backward_func()``: one micro-batch."""
     inputs = next(data_iterator)
-    output = token_losses(model, inputs)
+    output = token_losses(model, inputs, impl)
     return output, functools.partial(loss_func, inputs["loss_weight"], inputs["denominator"])
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import socket
@@ -343,7 +344,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     from megatron_hbp.mcore import checkpoint as ckpt
     from megatron_hbp.mcore.batch import to_model_inputs
     from megatron_hbp.mcore.data import make_loader, rank_work_items
-    from megatron_hbp.mcore.loss import forward_step, reduce_reports
+    from megatron_hbp.mcore.loss import forward_step, reduce_reports, resolve_loss_impl
     from megatron_hbp.mcore.metrics import MetricsLogger, model_flops, peak_tflops, rank_attention_pairs
     from megatron_hbp.mcore.model import build_model, set_recompute
 
@@ -465,12 +466,14 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         cfg.metrics_file, enabled=is_logger, tensorboard_dir=cfg.tensorboard_dir, resume=start > 0
     )
     fwd_bwd = get_forward_backward_func()
+    loss_impl = resolve_loss_impl(cfg.loss_impl, cfg.loss_normalization)
+    step_fn = functools.partial(forward_step, impl=loss_impl)
     peak = peak_tflops()
     records = []
     if rank == 0:
         print(
             f"[hbp] training {prep.model_cfg.name} ({prep.model_cfg.num_parameters() / 1e6:.1f}M params) on {world} "
-            f"ranks (tp={tp}, pp={pp}, dp x cp={prep.dp_size}), {'bf16' if bf16 else 'fp32'}, plan steps "
+            f"ranks (tp={tp}, pp={pp}, dp x cp={prep.dp_size}), {'bf16' if bf16 else 'fp32'}, loss {loss_impl}, plan steps "
             f"{start}..{end - 1} of {plan.num_steps}, CP degrees {degrees}",
             flush=True,
         )
@@ -490,7 +493,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         model.zero_grad_buffer()
         optimizer.zero_grad()
         reports = fwd_bwd(
-            forward_step_func=forward_step,
+            forward_step_func=step_fn,
             data_iterator=inputs,
             model=[model],
             num_microbatches=n_mb,
