@@ -335,3 +335,11 @@ def test_stats_are_json(tmp_path, tok, data):
     preprocess(data, tmp_path / "si.npz", tokenizer=tok)
     with np.load(tmp_path / "si.npz") as z:
         assert json.loads(str(z["stats"]))["samples"] == 3
+
+
+def test_progress_bar_shows_rate_and_eta(tmp_path, tok, data, capsys):
+    preprocess(data, tmp_path / "si.npz", tokenizer=tok, progress=True)
+    err = capsys.readouterr().err
+    assert "preprocess: 100%" in err and "3 samples" in err and "samples/s" in err and "<00:00" in err
+    preprocess(data, tmp_path / "si2.npz", tokenizer=tok)  # not a terminal: no bar
+    assert capsys.readouterr().err == ""

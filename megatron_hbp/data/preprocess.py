@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 import threading
 import time
 import zlib
@@ -218,7 +219,8 @@ def _progress_bar(total_bytes: int, enabled: bool | None):
         unit="B",
         unit_scale=True,
         desc="preprocess",
-        disable=(not enabled) if enabled is not None else None,  # None: only on a terminal
+        # None: a bar only when stderr is a terminal (logs and CI stay clean).
+        disable=not (enabled if enabled is not None else sys.stderr.isatty()),
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
         smoothing=0.1,
     )
