@@ -44,7 +44,9 @@ def _worker(out_path: str) -> None:
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0)
     torch.manual_seed(0)
-    cfg = replace(load_model_config("tiny"), num_layers=4)
+    cfg = replace(
+        load_model_config("tiny"), num_layers=4, vocab_size=1024
+    )  # small vocab: fast, layers dominate
     model = build_model(cfg, attention_backend="sdpa")
     rng = np.random.default_rng(0)
     lengths = [301, 77, 1, 133]
