@@ -5,7 +5,9 @@ Each JSONL record (rank 0 writes): ``step`` (plan step index, 0-based), ``group`
 all ranks), ``loss_tokens`` (plan count), ``micro_batches`` (per replica), ``step_time_s``,
 ``tokens_per_s``, ``attn_pairs_per_rank`` (causal (q, k) pairs each data x context rank
 computed this step, ``megatron_hbp.kernels.attention_cost``), ``attn_imbalance``
-(max / mean of those), and on GPU ``peak_mem_gb`` and ``mfu``.
+(max / mean of those), ``cp_comm_bytes_per_rank`` (bytes one rank sends for CP attention this
+step, ``megatron_hbp.cp.cp_comm_bytes``; 0 for CP 1 steps), ``update_ok``, and on GPU
+``peak_mem_gb`` and ``mfu``.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class MetricsLogger:
                 f"{record['tokens_per_s']:.0f} tok/s",
                 f"attn_imb {record['attn_imbalance']:.2f}",
             ]
+            if record.get("cp_comm_bytes_per_rank"):
+                parts.append(f"cp_comm {record['cp_comm_bytes_per_rank'] / 2**20:.1f} MiB")
+            if record.get("recompute_layers"):
+                parts.append(f"recompute {record['recompute_layers']}")
             if record.get("mfu") is not None:
                 parts.append(f"mfu {record['mfu'] * 100:.1f}%")
             if record.get("peak_mem_gb") is not None:

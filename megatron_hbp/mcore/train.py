@@ -533,6 +533,17 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         pairs_per_rank = [int(x[1]) for x in gathered_unique(gathered, tp, pp)]
         mean_pairs = float(np.mean(pairs_per_rank)) if pairs_per_rank else 0.0
         tokens = int(step.num_tokens)
+        comm = 0
+        if cp > 1:
+            from megatron_hbp.cp import cp_comm_bytes
+
+            mc = prep.model_cfg
+            for b in host_batches:
+                comm += cp_comm_bytes(
+                    int(sum(b.padded_lengths)), mc.num_query_groups // tp, mc.head_dim, cp,
+                    num_layers=mc.num_layers // pp, recompute_layers=int(step.recompute_layers),
+                    dtype_bytes=2 if bf16 else 4,
+                )  # fmt: skip
         rec = {
             "step": s,
             "group": int(step.group),
@@ -549,6 +560,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             "attn_pairs_per_rank": pairs_per_rank,
             "attn_imbalance": (max(pairs_per_rank) / mean_pairs) if mean_pairs > 0 else 1.0,
             "update_ok": bool(ok),
+            "cp_comm_bytes_per_rank": comm,
         }
         if torch.cuda.is_available():
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
