@@ -141,6 +141,12 @@ def test_stable_loss_is_global_token_mean(work):
     assert single["records"][0]["loss_tokens"] > 0
 
 
+def test_model_document_isolation(work):
+    iso = _result(work, "single")["manual"]["isolation"]
+    assert iso["others_equal"] and iso["doc1_changed"]
+    assert iso["alone_max_abs_diff"] < 1e-4  # a document's logits do not depend on its place in the pack
+
+
 def test_loss_normalization_options(work):
     single = _result(work, "single")
     for mode in ("sample_mean", "micro_batch_mean"):
