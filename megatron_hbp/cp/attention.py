@@ -128,7 +128,7 @@ class _Plan:
     """int64 [nk]: gathered row of every segment key (``perm[k_index]``); None when cp == 1."""
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=16)
 def _plan_cpu(cu_padded: tuple[int, ...], cu_real: tuple[int, ...], cp_size: int, cp_rank: int) -> _Plan:
     n = len(cu_padded) - 1
     identity = cp_size == 1 and cu_padded == cu_real
@@ -181,7 +181,8 @@ def _plan_cpu(cu_padded: tuple[int, ...], cu_real: tuple[int, ...], cp_size: int
     )
 
 
-@functools.lru_cache(maxsize=32)
+# Every layer of a micro-batch reuses one layout; a few entries suffice (device memory).
+@functools.lru_cache(maxsize=4)
 def _plan_on(cu_padded, cu_real, cp_size, cp_rank, device: torch.device) -> _Plan:
     p = _plan_cpu(cu_padded, cu_real, cp_size, cp_rank)
     if device.type == "cpu":

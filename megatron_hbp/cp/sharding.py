@@ -93,7 +93,7 @@ def _check_real(cu_real: tuple[int, ...], cu_padded: tuple[int, ...]) -> None:
             )
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _local_indices_cpu(cu: tuple[int, ...], cp_size: int, cp_rank: int) -> torch.Tensor:
     if cp_size == 1:
         return torch.arange(cu[-1] if cu else 0, dtype=torch.long)
@@ -147,7 +147,8 @@ def shard_for_cp(x: torch.Tensor, cu_seqlens_padded: _IntSeq, cp_size: int, cp_r
             ``2·cp_size`` when ``cp_size > 1``.
         cp_size, cp_rank: CP degree and this rank's index in its CP group.
     Returns:
-        ``[T_padded / cp_size, ...]`` (differentiable gather; a new tensor, ``x`` untouched).
+        ``[T_padded / cp_size, ...]`` (differentiable gather into a new tensor; with
+        ``cp_size == 1`` ``x`` itself is returned).
     """
     cu = validate_cp_layout(cu_seqlens_padded, cp_size, cp_rank)
     total = cu[-1] if cu else 0
@@ -161,7 +162,7 @@ def shard_for_cp(x: torch.Tensor, cu_seqlens_padded: _IntSeq, cp_size: int, cp_r
     return x.index_select(0, _local_indices_cpu(cu, cp_size, cp_rank).to(x.device))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _unshard_perm_cpu(cu: tuple[int, ...], cp_size: int) -> torch.Tensor:
     gathered_to_global = torch.cat([_local_indices_cpu(cu, cp_size, r) for r in range(cp_size)])
     return torch.argsort(gathered_to_global)
