@@ -86,7 +86,10 @@ def make_case(real_lengths, cp, hq, hkv, d, seed):
     v = torch.randn(t, hkv, d, generator=g, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(t, hq, d, generator=g, dtype=torch.float64)
     out = reference_attention(q, k, v, cu_pad, cu_real)
-    out.backward(dout)
+    if out.requires_grad:
+        out.backward(dout)
+    else:  # nothing real to attend (padding-only filler pack): every gradient is zero
+        q.grad, k.grad, v.grad = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return {
         "cu_pad": cu_pad,
         "cu_real": cu_real,
@@ -110,6 +113,7 @@ CASES = [
     ("exact_mqa", [16, 8], 4, 1, 8),
     ("many_short", [1, 2, 3, 1, 1, 2], 2, 1, 4),
     ("empty_doc_tail", [6, 0], 2, 2, 4),
+    ("filler_only", [0], 2, 1, 4),  # the trainer's padding-only micro-batch
 ]
 
 
@@ -263,6 +267,12 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results["bad_degree_error"] = ""
         except ValueError as e:
             results["bad_degree_error"] = str(e)
+        if world == 4:  # layouts with tensor / pipeline parallelism (groups only)
+            g_tp = build_cp_groups([1, 2], tp=2)
+            results["tp2_c2"] = dist.get_process_group_ranks(g_tp.cp_group(2))
+            results["tp2_dpcp"] = dist.get_process_group_ranks(g_tp.dp_cp_group)
+            g_pp = build_cp_groups([2], pp=2)
+            results["pp2_c2"] = dist.get_process_group_ranks(g_pp.cp_group(2))
         groups = build_cp_groups(degrees)
         results["dp_cp_ranks"] = dist.get_process_group_ranks(groups.dp_cp_group)
         for c in degrees:
@@ -321,6 +331,9 @@ def test_groups_4_processes(dist4):
         assert (res["replica_c2"], res["cprank_c2"]) == (rank // 2, rank % 2)
         assert (res["replica_c4"], res["cprank_c4"]) == (0, rank)
         assert "CP degree 3 does not divide" in res["bad_degree_error"]
+        # tp = 2: DP x CP ranks of tp_rank t are t and t + 2; pp = 2: stages are [0, 1] and [2, 3].
+        assert res["tp2_c2"] == res["tp2_dpcp"] == [rank % 2, rank % 2 + 2]
+        assert res["pp2_c2"] == ([0, 1] if rank < 2 else [2, 3])
 
 
 @pytest.mark.slow
