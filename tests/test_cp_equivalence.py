@@ -100,7 +100,7 @@ def single_process_copy(plan):
     )  # fmt: skip
 
 
-def _launch(args: list[str], timeout: int) -> None:
+def _launch(args: list[str], timeout: int = 600) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -132,10 +132,18 @@ def work(tmp_path_factory):
     plan = build_plan(info.lengths, info.loss_tokens, cfg, fingerprint=info.fingerprint)
     plan.save(w / "plan_cp.npz")
     single_process_copy(plan).save(w / "plan_single.npz")
-    _launch([sys.executable, str(WORKER), str(w), "plan_single.npz", "single"], timeout=600)
+    # TP = 2 next to CP: 4 processes = 2 (TP) x 2 (DP x CP), groups {CP1, CP2}.
+    cfg_tp = replace(cfg, groups=cfg.groups[:2], world_size=WORLD // 2)
+    plan_tp = build_plan(info.lengths, info.loss_tokens, cfg_tp, fingerprint=info.fingerprint)
+    plan_tp.save(w / "plan_tp2.npz")
+    single_process_copy(plan_tp).save(w / "plan_tp2_single.npz")
+    _launch(
+        [sys.executable, str(WORKER), str(w), "plan_single.npz:single:1", "plan_tp2_single.npz:tp_single:1"],
+        600,
+    )
     _launch(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", str(WORKER),
-         str(w), "plan_cp.npz", "cp"],
+         str(w), "plan_cp.npz:cp:1", "plan_tp2.npz:tp2:2"],
         timeout=900,
     )  # fmt: skip
     return w
@@ -189,8 +197,8 @@ def test_same_loss_every_step(work):
 def test_same_gradients_and_weights_every_step(work):
     import torch
 
-    single = torch.load(work / "single.pt")["steps"]
-    cp = torch.load(work / "cp.pt")["steps"]
+    single = torch.load(work / "single_rank0.pt")["steps"]
+    cp = torch.load(work / "cp_rank0.pt")["steps"]
     recs = {r["step"]: r["cp"] for r in json.loads((work / "cp.json").read_text())}
     assert single.keys() == cp.keys() and len(cp) >= 3
     worst = {}
@@ -213,3 +221,38 @@ def test_same_gradients_and_weights_every_step(work):
         for n in cp[steps[0]]["grads"]
     )
     assert moved > 1e-4
+
+
+def tp_shard(name: str, full, tp: int, r: int):
+    """Rank ``r``'s tensor-parallel shard of a full (TP = 1) parameter, Megatron's layouts."""
+    if "linear_fc1" in name:  # SwiGLU: [gate; up], each split across TP ranks
+        gate, up = full.chunk(2, 0)
+        return __import__("torch").cat([gate.chunk(tp, 0)[r], up.chunk(tp, 0)[r]])
+    if "linear_qkv.weight" in name or "word_embeddings" in name or "output_layer" in name:
+        return full.chunk(tp, 0)[r]  # column / vocab parallel (qkv rows are grouped per KV head)
+    if "linear_proj.weight" in name or "linear_fc2.weight" in name:
+        return full.chunk(tp, 1)[r]  # row parallel
+    return full  # norms: replicated
+
+
+def test_tensor_parallel_with_cp(work):
+    import torch
+
+    single = json.loads((work / "tp_single.json").read_text())
+    tp2 = json.loads((work / "tp2.json").read_text())
+    assert sorted({r["cp"] for r in tp2}) == [1, 2]
+    assert [r["step"] for r in tp2] == [r["step"] for r in single]
+    for a, b in zip(tp2, single):
+        assert _rel(a["loss"], b["loss"]) <= TOL, (a["step"], a["cp"])
+    ref = torch.load(work / "tp_single_rank0.pt")["steps"]
+    for r in range(2):
+        got = torch.load(work / f"tp2_rank{r}.pt")["steps"]
+        assert got.keys() == ref.keys()
+        for s in got:
+            assert got[s]["grads"].keys() == ref[s]["grads"].keys()
+            for name, g in got[s]["grads"].items():
+                want = tp_shard(name, ref[s]["grads"][name], 2, r)
+                assert g.shape == want.shape, (name, g.shape, want.shape)
+                assert _rel(g, want) <= TOL, (s, r, name, _rel(g, want))
+                w = tp_shard(name, ref[s]["weights_before"][name], 2, r)
+                assert _rel(got[s]["weights_before"][name], w) <= TOL, (s, r, name)

@@ -1,12 +1,12 @@
 """Worker of tests/test_cp_equivalence.py (not a test module: it holds no tests).
 
-Run as ``python tests/test_cp_equivalence_worker.py WORKDIR PLAN NAME`` (one process) or
-under ``torchrun --nproc-per-node 4``. Trains the model of ``WORKDIR/model.yaml`` on ``WORKDIR/PLAN`` through the
-trainer's public ``run`` and, on rank 0, saves per step: the loss and group/cp (records), the
-reduced gradients, and the weights before the step's update (``WORKDIR/NAME.pt``), plus the
-weights after the last step (one extra hook-less step is not possible, so the last plan step
-only contributes its loss and gradients). Only stdlib imports at module level: pytest
-imports this file while collecting.
+Run as ``python tests/test_cp_equivalence_worker.py WORKDIR PLAN:NAME:TP ...`` (one process)
+or under ``torchrun --nproc-per-node 4``: each job trains the model of ``WORKDIR/model.yaml``
+on ``WORKDIR/PLAN`` with tensor parallel size TP through the trainer's public ``run``.
+Saved: ``NAME.json`` (the step records, rank 0) and ``NAME_rank{r}.pt`` for the ranks of the
+first data x context index (``r < TP``): per step, the reduced gradients and the weights
+before that step's update (this rank's TP shards). Only stdlib imports at module level:
+pytest imports this file while collecting.
 """
 
 import json
@@ -15,37 +15,42 @@ from pathlib import Path
 
 
 def main(argv):
-    work, plan_file, name = Path(argv[0]), argv[1], argv[2]
+    """argv: WORKDIR JOB... with JOB = ``PLAN_FILE:NAME:TP`` (several runs share one launch)."""
+    work = Path(argv[0])
     import torch
 
-    from megatron_hbp.mcore.config import DataConfig, OptimizerConfig, PlanSource, TrainConfig
+    from megatron_hbp.mcore.config import DataConfig, OptimizerConfig, ParallelConfig, PlanSource, TrainConfig
     from megatron_hbp.mcore.train import init_distributed, run
 
     torch.set_num_threads(1)
     rank, _, _ = init_distributed()
-    cfg = TrainConfig(
-        model=str(work / "model.yaml"),
-        data=DataConfig(sample_info=str(work / "info.npz"), num_workers=0),
-        plan=PlanSource(path=str(work / plan_file)),
-        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=1, clip_grad=1.0),
-        dtype="fp32",
-        attention_backend="sdpa",
-    )
-    steps: dict = {}
+    for job in argv[1:]:
+        plan_file, name, tp = job.split(":")
+        cfg = TrainConfig(
+            model=str(work / "model.yaml"),
+            data=DataConfig(sample_info=str(work / "info.npz"), num_workers=0),
+            plan=PlanSource(path=str(work / plan_file)),
+            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=1, clip_grad=1.0),
+            parallel=ParallelConfig(tp=int(tp)),
+            dtype="fp32",
+            attention_backend="sdpa",
+        )
+        steps: dict = {}
 
-    def on_grads(step, model):
-        steps[step] = {
-            "grads": {
-                n: (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad).detach().clone()
-                for n, p in model.module.named_parameters()
-            },
-            "weights_before": {n: p.detach().clone() for n, p in model.module.named_parameters()},
-        }
+        def on_grads(step, model, steps=steps):
+            steps[step] = {
+                "grads": {
+                    n: (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad).detach().clone()
+                    for n, p in model.module.named_parameters()
+                },
+                "weights_before": {n: p.detach().clone() for n, p in model.module.named_parameters()},
+            }
 
-    records = run(cfg, on_grads=on_grads)
-    if rank == 0:
-        torch.save({"steps": steps}, work / f"{name}.pt")
-        (work / f"{name}.json").write_text(json.dumps(records, default=str))
+        records = run(cfg, on_grads=on_grads)
+        if rank < int(tp):
+            torch.save({"steps": steps}, work / f"{name}_rank{rank}.pt")
+        if rank == 0:
+            (work / f"{name}.json").write_text(json.dumps(records, default=str))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
