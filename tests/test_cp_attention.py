@@ -180,7 +180,7 @@ def _gathered(x, cu_pad, cp):
 # Simulated CP ranks in one process
 
 
-@pytest.mark.parametrize("cp", [1, 2, 4, 8])
+@pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize(("name", "lengths", "hq", "hkv", "d"), CASES, ids=[c[0] for c in CASES])
 def test_simulated_cp_matches_reference(cp, name, lengths, hq, hkv, d):
     ref = make_case(lengths, cp, hq, hkv, d, seed=hash(name) % 1000 + cp)
