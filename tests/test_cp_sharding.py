@@ -169,12 +169,14 @@ def test_comm_bytes_by_hand():
     # 32 layers, 8 of them recomputed: 32 + 8 all-gathers and 32 reduce-scatters.
     assert cp_comm_bytes(4096, 8, 128, 2, num_layers=32, recompute_layers=8) == 72 * block
     assert cp_comm_bytes(4096, 8, 128, 1, num_layers=32) == 0
+    # More recomputed layers than the stage holds: every layer is recomputed once (Megatron's "block").
+    assert cp_comm_bytes(4096, 8, 128, 2, num_layers=16, recompute_layers=28) == 48 * block
 
 
 def test_comm_bytes_bad_input():
     with pytest.raises(ValueError, match="not divisible by cp_size"):
         cp_comm_bytes(10, 1, 1, 4)
-    with pytest.raises(ValueError, match="exceeds num_layers"):
-        cp_comm_bytes(8, 1, 1, 2, num_layers=2, recompute_layers=3)
+    with pytest.raises(ValueError, match="recompute_layers must be a non-negative int"):
+        cp_comm_bytes(8, 1, 1, 2, num_layers=2, recompute_layers=-1)
     with pytest.raises(ValueError, match="cp_size"):
         cp_comm_bytes(8, 1, 1, 0)

@@ -37,7 +37,9 @@ def cp_comm_bytes(
         head_dim: ``d``.
         cp_size: CP degree ``c`` of the step.
         num_layers: transformer layers on this rank (pipeline stage).
-        recompute_layers: how many of them recompute their forward in the backward pass.
+        recompute_layers: how many of them recompute their forward in the backward pass; more
+            than ``num_layers`` counts as all of them (as Megatron's "block" recompute does when a
+            plan group's setting exceeds one pipeline stage's layers).
         dtype_bytes: bytes per element of K/V (2 for bf16, 4 for fp32).
         backward: include the backward reduce-scatter (training) or not (forward only).
     Returns:
@@ -54,12 +56,10 @@ def cp_comm_bytes(
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
     if not isinstance(cp_size, int) or cp_size < 1:
         raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
-    if recompute_layers > num_layers:
-        raise ValueError(f"recompute_layers ({recompute_layers}) exceeds num_layers ({num_layers})")
     if cp_size > 1 and num_tokens % cp_size:
         raise ValueError(f"num_tokens {num_tokens} is not divisible by cp_size {cp_size}")
     if cp_size == 1:
         return 0
     block = 2 * (num_tokens // cp_size) * num_kv_heads * head_dim * dtype_bytes
-    passes = num_layers + recompute_layers + (num_layers if backward else 0)
+    passes = num_layers + min(recompute_layers, num_layers) + (num_layers if backward else 0)
     return (cp_size - 1) * block * passes
