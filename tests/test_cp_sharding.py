@@ -84,6 +84,23 @@ def test_empty_pack():
     assert unshard_from_cp([x, x], [0], 2).shape == (0, 4)
 
 
+def test_host_copy_cache_never_stale():
+    # Device cu_seqlens are copied to the host once per tensor (not per layer); the cache must
+    # see in-place edits and never confuse two tensors. Exercised here on CPU tensors directly.
+    from megatron_hbp.cp.sharding import _host_copy_cached
+
+    a = torch.tensor([0, 4, 8], dtype=torch.int32)
+    assert _host_copy_cached(a) == (0, 4, 8)
+    assert _host_copy_cached(a) == (0, 4, 8)
+    a[2] = 12  # bumps the version counter
+    assert _host_copy_cached(a) == (0, 4, 12)
+    b = torch.tensor([0, 2], dtype=torch.int32)
+    assert _host_copy_cached(b) == (0, 2)
+    del a
+    c = torch.tensor([0, 6, 6], dtype=torch.int32)  # may reuse a's id: must not return a's copy
+    assert _host_copy_cached(c) == (0, 6, 6)
+
+
 # --------------------------------------------------------------------------------------------
 # Sharding: bad input
 

@@ -23,6 +23,7 @@ per token) and cached, because every layer of a micro-batch reuses them.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -38,15 +39,35 @@ __all__ = [
 _IntSeq = torch.Tensor | Sequence[int]
 
 
+# Host copies of device cu_seqlens tensors, keyed by the tensor object: every layer of a
+# micro-batch passes the same tensor, so the device->host sync happens once per micro-batch,
+# not once per layer. Entries hold a weak reference and the tensor's version counter, so a
+# freed or modified tensor never returns a stale copy.
+_HOST_COPIES: dict[int, tuple[weakref.ref, int, tuple[int, ...]]] = {}
+_HOST_COPIES_MAX = 16
+
+
 def _as_tuple(cu: _IntSeq, name: str) -> tuple[int, ...]:
     if isinstance(cu, torch.Tensor):
         if cu.dim() != 1:
             raise ValueError(f"{name} must be 1-D [n+1], got shape {tuple(cu.shape)}")
         if cu.dtype.is_floating_point or cu.dtype == torch.bool:
             raise ValueError(f"{name} must hold integers (int32), got {cu.dtype}")
-        # One host copy per micro-batch; pass CPU tensors to avoid a device sync.
-        return tuple(int(v) for v in cu.tolist())
+        if cu.device.type == "cpu":
+            return tuple(int(v) for v in cu.tolist())
+        return _host_copy_cached(cu)
     return tuple(int(v) for v in cu)
+
+
+def _host_copy_cached(cu: torch.Tensor) -> tuple[int, ...]:
+    hit = _HOST_COPIES.get(id(cu))
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+        return hit[2]
+    host = tuple(int(v) for v in cu.tolist())  # device sync: pass host lists to avoid it
+    if len(_HOST_COPIES) >= _HOST_COPIES_MAX:
+        _HOST_COPIES.clear()
+    _HOST_COPIES[id(cu)] = (weakref.ref(cu), cu._version, host)
+    return host
 
 
 def validate_cp_layout(
