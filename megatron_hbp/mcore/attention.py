@@ -51,6 +51,10 @@ class HBPPackedSeqParams(PackedSeqParams):
     """Padded length of each document (python ints, from the plan: no device->host sync)."""
     lengths_host: list[int] = field(default_factory=list)
     """Real length of each document (python ints)."""
+    cu_seqlens_cpu: torch.Tensor | None = None
+    """int32 ``[n+1]`` global real boundaries on the CPU (CP attention reads them without a sync)."""
+    cu_seqlens_padded_cpu: torch.Tensor | None = None
+    """int32 ``[n+1]`` global padded boundaries on the CPU."""
 
 
 @dataclass(frozen=True)
@@ -267,8 +271,8 @@ class PackedCoreAttention(MegatronModule):
                 query,
                 key,
                 value,
-                p.cu_seqlens_q_padded,
-                p.cu_seqlens_q,
+                p.cu_seqlens_padded_cpu if p.cu_seqlens_padded_cpu is not None else p.cu_seqlens_q_padded,
+                p.cu_seqlens_cpu if p.cu_seqlens_cpu is not None else p.cu_seqlens_q,
                 p.cp_group,
                 softmax_scale=self.softmax_scale,
             )

@@ -228,6 +228,8 @@ def to_model_inputs(batch: PackedBatch, device: torch.device | str, cp_group=Non
         position_ids=dev(batch.position_ids),
         padded_lengths_host=local_padded if batch.cp == 1 else list(batch.padded_lengths),
         lengths_host=list(batch.lengths),
+        cu_seqlens_cpu=batch.cu_seqlens,
+        cu_seqlens_padded_cpu=batch.cu_seqlens_padded,
     )
     return {
         "tokens": dev(batch.tokens)[None],
