@@ -1,4 +1,4 @@
-"""Checkpoint compatibility checks and the pre-flight memory estimate (no processes needed)."""
+"""Checkpoint compatibility, the pre-flight memory estimate, launch-environment parsing (no processes)."""
 
 import pytest
 
@@ -56,3 +56,38 @@ def test_memory_estimate_by_hand():
     m8 = load_model_config("llama3_1_8b")
     kw = dict(recompute_layers=28, dp=32, bf16=True, distributed_optimizer=True)
     assert estimate_memory_bytes(m8, 16384, **kw) < 80 * 2**30 < estimate_memory_bytes(m8, 131072, **kw)
+
+
+def test_launch_environment(monkeypatch):
+    from megatron_hbp.mcore.train import TrainSetupError, dist_env
+
+    for k in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+        "MASTER_ADDR",
+    ):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    # torchrun
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist_env() == (5, 8, 1)
+    # Slurm srun: ranks from SLURM_*, MASTER_ADDR required
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_PROCID", "13")
+    monkeypatch.setenv("SLURM_NTASKS", "32")
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    with pytest.raises(TrainSetupError, match="MASTER_ADDR"):
+        dist_env()
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    assert dist_env() == (13, 32, 5)
+    # a plain single process
+    for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(k)
+    assert dist_env() == (0, 1, 0)
