@@ -79,6 +79,16 @@ def test_padding_only_micro_batch():
     assert b.lengths == [0] and b.sample_indices == [-1]
 
 
+def test_padding_only_micro_batch_with_cp():
+    pytest.importorskip("megatron_hbp.cp")
+    shards = [build_packed_batch([], [], pad_id=PAD, cp=2, cp_rank=r) for r in (0, 1)]
+    for b in shards:
+        assert b.tokens.tolist() == [PAD, PAD] and b.position_ids.numel() == 2
+        assert b.loss_mask.sum() == 0 and b.denominator == 0 and b.local_loss_tokens == 0
+        assert b.cu_seqlens_padded.tolist() == [0, 4] and b.cu_seqlens.tolist() == [0, 0]
+    assert sorted(shards[0].position_ids.tolist() + shards[1].position_ids.tolist()) == [0, 1, 2, 3]
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="shorter than the document"):
         build_packed_batch([A], [3])

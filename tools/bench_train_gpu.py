@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the medians")
     p.add_argument("--out", default="runs/bench_train", help="output folder")
     p.add_argument("--attention-backend", default="auto", help="auto / te / varlen / sdpa")
+    p.add_argument(
+        "--loss-impl", default="auto", help="auto / fused / megatron (see megatron_hbp.mcore.loss)"
+    )
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 1K/2K packs, 4 steps on CPU")
     a = p.parse_args(argv)
 
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
             max_steps=steps,
             dtype=dtype,
             attention_backend=a.attention_backend,
+            loss_impl=a.loss_impl,
             metrics_file=str(out / f"metrics_{name}.jsonl"),
         )
         recs = run(cfg)
