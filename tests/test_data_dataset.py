@@ -47,7 +47,21 @@ def test_items_by_hand(tmp_path, tok, name):
 def test_every_item_matches_sample_info(tmp_path):
     # Real tokenizer, varied text: the per-sample path (SFTDataset) agrees with the batched one.
     rng = np.random.default_rng(1)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dogs;", "naïve", "café", "—", "東京", "tokens\n"]
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dogs;",
+        "naïve",
+        "café",
+        "—",
+        "東京",
+        "tokens\n",
+    ]
     lines = []
     for i in range(60):
         q = " ".join(rng.choice(words, rng.integers(1, 30)))
