@@ -107,14 +107,59 @@ def available_presets() -> list[str]:
 
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
-    """A preset by name (``tiny``, ``llama3_1_8b``, ...) or a YAML file with ModelConfig keys."""
+    """A preset by name (``tiny``, ``llama3_1_8b``, ...), a YAML file with ModelConfig keys, a
+    Hugging Face model folder or its ``config.json`` (LLaMA / Qwen2, via
+    ``megatron_hbp.convert.model_config_from_hf``), or a folder written by
+    ``tools/convert_checkpoint.py hf-to-megatron`` (its ``convert_meta.json``).
+
+    The same argument always gives the same config (the trainer compares it on resume).
+    """
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         return load_yaml(ModelConfig, path)
+    if path.is_dir():
+        if (path / "convert_meta.json").is_file():
+            return _converted_model_config(path / "convert_meta.json")
+        if (path / "config.json").is_file():
+            return _hf_model_config(path)
+        raise ConfigError(
+            f"model folder {path} has neither config.json (a Hugging Face model) nor convert_meta.json "
+            "(tools/convert_checkpoint.py hf-to-megatron output); give a preset name, a model YAML, "
+            "or a folder with one of these files"
+        )
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ConfigError(f"model config file not found: {path}")
+        if path.name == "convert_meta.json":
+            return _converted_model_config(path)
+        return _hf_model_config(path)
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
         raise ConfigError(
             f"unknown model preset '{name_or_path}'. Available: {', '.join(available_presets())}; "
-            "or give the path of a YAML file with ModelConfig keys"
+            "or give the path of a YAML file with ModelConfig keys, or a Hugging Face model folder"
         )
     return load_yaml(ModelConfig, preset)
+
+
+def _hf_model_config(path: Path) -> ModelConfig:
+    # Imported here: megatron_hbp.convert imports torch (its package __init__ loads the
+    # tensor code), and this module must stay importable without torch.
+    from megatron_hbp.convert.hf_config import model_config_from_hf
+
+    try:
+        return model_config_from_hf(path)
+    except (ValueError, FileNotFoundError) as e:  # UnsupportedModelError is a ValueError
+        raise ConfigError(str(e)) from None
+
+
+def _converted_model_config(meta_path: Path) -> ModelConfig:
+    import json
+
+    from megatron_hbp.configio import from_dict
+
+    try:
+        meta = json.loads(meta_path.read_text())
+        return from_dict(ModelConfig, meta["model_config"], str(meta_path))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ConfigError(f"{meta_path}: not a readable convert_meta.json ({e})") from None

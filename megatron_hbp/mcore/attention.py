@@ -20,7 +20,8 @@ Backends (``select_backend``):
 * ``"sdpa"``: PyTorch SDPA per document (CPU and any device; the reference).
 
 When a step's CP degree is > 1 the module calls ``megatron_hbp.cp.cp_attention`` with the
-step's CP group from the packed params.
+step's CP group from the packed params, the CPU copies of the global ``cu_seqlens`` (no
+device-to-host sync) and the configured backend (``te`` -> ``auto``, see ``cp_seam.cp_backend``).
 """
 
 from __future__ import annotations
@@ -235,6 +236,8 @@ class PackedCoreAttention(MegatronModule):
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.backend = select_backend(backend)
+        # CP > 1 steps go through megatron_hbp.cp, which resolves "auto" per tensor dtype itself.
+        self.requested_backend = backend
         self.rope = rope
         if rope is not None:
             self.register_buffer("inv_freq", rope_inv_freq(config.kv_channels, rope), persistent=False)
@@ -275,6 +278,7 @@ class PackedCoreAttention(MegatronModule):
                 p.cu_seqlens_cpu if p.cu_seqlens_cpu is not None else p.cu_seqlens_q,
                 p.cp_group,
                 softmax_scale=self.softmax_scale,
+                backend=self.requested_backend,
             )
         else:
             out = packed_attention(

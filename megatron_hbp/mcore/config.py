@@ -25,9 +25,11 @@ class DataConfig:
     demo: bool = False
     """Use the embedded demo data (``megatron_hbp.data.demo.ensure_demo_data``) as ``paths``."""
     tokenizer: str | None = None
-    """Tokenizer (``.model`` / ``tokenizer.json``) for building; None = the default (mistral v1)."""
-    template: str = "llama3"
-    """Chat template for building the sample info."""
+    """Tokenizer (``.model`` / ``tokenizer.json``) for building; None = the one shipped in
+    ``init_from`` (``tokenizer.json`` / ``tokenizer.model``) when set, else the default (mistral v1)."""
+    template: str | None = None
+    """Chat template for building the sample info (``llama3``, ``chatml``, ``mistral``, ``plain``);
+    None = the built-in template matching the chat template shipped in ``init_from``, else ``llama3``."""
     max_length: int | None = None
     """Longest sample kept when building (None: no limit)."""
     build_if_missing: bool = False
@@ -126,8 +128,14 @@ class ParallelConfig:
 class TrainConfig:
     """One training run."""
 
-    model: str
-    """Model preset name (``tiny``, ``llama3_1_8b``, ...) or a YAML file with ModelConfig keys."""
+    model: str | None = None
+    """Model preset name (``tiny``, ``llama3_1_8b``, ...), a YAML file with ModelConfig keys, or a
+    Hugging Face model folder / ``config.json`` (shapes read from it). None = ``init_from``."""
+    init_from: str | None = None
+    """Initial weights: a Hugging Face model folder (LLaMA / Qwen2 ``config.json`` + safetensors,
+    converted on the fly by every rank) or a folder from ``tools/convert_checkpoint.py
+    hf-to-megatron`` (the cached conversion; its ``--tp`` must equal ``parallel.tp``). Loaded
+    after the model is built; ignored when resuming (``checkpoint.load`` wins). None: random init."""
     data: DataConfig
     """Samples and their sample info."""
     plan: PlanSource
@@ -163,6 +171,8 @@ class TrainConfig:
     """Check every step that Megatron's token count equals the plan's (stable-loss proof)."""
 
     def __post_init__(self):
+        if self.model is None and self.init_from is None:
+            raise ConfigError("set model (a preset, model YAML or HF folder) or init_from (a HF folder)")
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ConfigError(
                 f"loss_normalization '{self.loss_normalization}' unknown; choose {', '.join(LOSS_NORMALIZATIONS)}"
@@ -179,6 +189,11 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.log_interval < 1:
             raise ConfigError(f"log_interval must be >= 1, got {self.log_interval}")
+
+    @property
+    def model_source(self) -> str:
+        """What the model shapes are read from: ``model``, or ``init_from`` when model is unset."""
+        return self.model if self.model is not None else self.init_from
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

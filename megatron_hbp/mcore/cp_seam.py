@@ -37,7 +37,42 @@ def shard_for_cp(tensor, cu_seqlens_padded, cp_size: int, cp_rank: int):
     return _shard(tensor, cu_seqlens_padded, cp_size, cp_rank)
 
 
-def cp_attention(q, k, v, cu_seqlens_padded, cu_seqlens, cp_group, softmax_scale=None):
+_TE_NOTICE_SHOWN = False
+
+
+def cp_backend(attention_backend: str) -> str:
+    """The ``megatron_hbp.cp.cp_attention`` backend for the configured ``attention_backend``.
+
+    ``sdpa`` / ``varlen`` pass through, ``auto`` stays ``auto`` (cp picks varlen for CUDA
+    bf16/fp16, else SDPA). ``te`` maps to ``auto``: Transformer Engine's own CP path is not
+    used (HBP changes the CP group per step), said once per process.
+    """
+    global _TE_NOTICE_SHOWN
+    if attention_backend in ("auto", "sdpa", "varlen"):
+        return attention_backend
+    if attention_backend == "te":
+        if not _TE_NOTICE_SHOWN:
+            _TE_NOTICE_SHOWN = True
+            print(
+                "[hbp] attention_backend 'te': CP > 1 steps use megatron_hbp.cp with backend 'auto' "
+                "(Transformer Engine's context parallelism is not used)",
+                flush=True,
+            )
+        return "auto"
+    raise ValueError(f"attention backend '{attention_backend}' unknown; choose auto, te, varlen or sdpa")
+
+
+def cp_attention(q, k, v, cu_seqlens_padded, cu_seqlens, cp_group, softmax_scale=None, *, backend="auto"):
+    """``megatron_hbp.cp.cp_attention`` with the trainer's ``attention_backend`` (see :func:`cp_backend`)."""
     from megatron_hbp.cp import cp_attention as _attn
 
-    return _attn(q, k, v, cu_seqlens_padded, cu_seqlens, cp_group, softmax_scale=softmax_scale)
+    return _attn(
+        q,
+        k,
+        v,
+        cu_seqlens_padded,
+        cu_seqlens,
+        cp_group,
+        softmax_scale=softmax_scale,
+        backend=cp_backend(backend),
+    )
