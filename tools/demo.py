@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     info = out / "sample_info.npz"
     py = sys.executable
     run([py, "tools/preprocess_lengths.py", "--data", str(data), "--tokenizer", str(default_tokenizer_path()),
-         "--template", "llama3", "--output", str(info), "--workers", "2"])  # fmt: skip
+         "--template", "plain", "--output", str(info), "--workers", "2"])  # fmt: skip
     run([py, "tools/plan.py", "--sample-info", str(info), "--config", "configs/plan_demo.yaml",
          "--output", str(out / "plan"), "--plot"])  # fmt: skip
     if args.skip_train:
