@@ -129,6 +129,7 @@ def _hf_from_megatron(params: dict, cfg) -> dict:
     return out
 
 
+@pytest.mark.slow  # one trainer subprocess (~25 s, shared by the module)
 def test_first_step_starts_from_the_hf_weights(trained):
     import torch
 
@@ -143,6 +144,7 @@ def test_first_step_starts_from_the_hf_weights(trained):
     assert "[hbp] initial weights from" in trained["stdout"]
 
 
+@pytest.mark.slow  # one trainer subprocess (~25 s, shared by the module)
 def test_first_step_loss_equals_transformers(trained):
     """The plan's first step: Σ CE over its loss tokens / their count, with transformers run on
     each document alone, equals the trainer's stable loss (fp32)."""
@@ -174,6 +176,7 @@ def test_first_step_loss_equals_transformers(trained):
     assert abs(rec["loss"] - total / count) / (total / count) <= 1e-5, (rec["loss"], total / count)
 
 
+@pytest.mark.slow  # one trainer subprocess (~25 s, shared by the module)
 def test_tokenizer_and_chat_template_come_from_the_hf_folder(trained):
     from megatron_hbp.data import load_sample_info
 
@@ -182,6 +185,7 @@ def test_tokenizer_and_chat_template_come_from_the_hf_folder(trained):
     assert info.template == "chatml"  # matched from the shipped Jinja template (default: llama3)
 
 
+@pytest.mark.slow  # one trainer subprocess (~25 s, shared by the module)
 def test_resume_keeps_the_checkpoint_not_init_from(trained):
     import torch
 
