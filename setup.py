@@ -10,6 +10,7 @@ packages += ["megatron_hbp.kernels"]
 setup(
     packages=packages,
     package_dir={"megatron_hbp.kernels": "kernels"},
-    package_data={"megatron_hbp": ["configs/**/*.yaml", "data/assets/*"]},
+    # YAML data inside the package: model presets and hardware profiles.
+    package_data={"megatron_hbp": ["presets/*.yaml"], "megatron_hbp.costmodel": ["hardware/*.yaml"]},
     include_package_data=True,
 )
