@@ -51,22 +51,52 @@ Optimizer (Adam) step: 32 bytes of HBM traffic per local shard parameter.
 Step time = max over replicas (sum of its micro-batches) + exposed DP reduction + optimizer.
 
 Memory per GPU (bytes; Korthikanti et al. 2022 "Reducing Activation Recomputation in Large
-Transformer Models", section 4, re-derived for a LLaMA layer with FlashAttention, i.e. the
-attention scores are never stored, no dropout, t-way TP without sequence parallelism):
+Transformer Models", section 4, re-derived for a LLaMA layer, no dropout, t-way TP without
+sequence parallelism). b = ``activation_bytes``. Default implementation (the GPU path with
+Transformer Engine: FlashAttention, fused RMSNorm, fused RoPE, fused SwiGLU), i.e. the attention
+scores are never stored:
 
     static       = N_local (2 + g)  +  12 N_local / s      bf16 weights, main grads,
                    fp32 master + Adam m, v sharded over s = n ranks (distributed optimizer) or 1
-    full layer   = T [2 (4 h + (2 q + 2 kv + 3 f) / t) + 4 a / t]   per token: inputs of both
+    full layer   = T [b (4 h + (2 q + 2 kv + 3 f) / t) + 4 a / t]   per token: inputs of both
                    RMSNorms and of QKV and FC1 (4 h), q, k, v and attention output (2 q + 2 kv),
                    FC1 output of both SwiGLU branches and FC2 input (3 f), fp32 softmax LSE (4 a)
-    checkpointed = T * 2 h   (the layer input)
+    checkpointed = T * b h   (the layer input)
     activations  = (L - k) full + k checkpointed + [k > 0] full   (backward of a recomputed layer
-                   re-materialises one layer) + 3 T 2 h (final norm, output-layer input)
+                   re-materialises one layer) + 3 T b h (final norm, output-layer input)
     loss         = unfused: 14 T V / t  (bf16 logits, fp32 copy, fp32 softmax and gradient;
                    measured 13.7-14.8 GB for 8192 x 128256 on a GPU, ENVIRONMENT.md)
                    fused (chunked linear + CE): 4 T h + 6 chunk V / t
     CP buffers   = 2 T_p 2 kv 2 / t  (gathered K/V and their gradients) when c > 1
     total        = static + activations + loss + CP buffers + memory_reserve_gib
+
+Implementation knobs (``TrainingSetup``) change the full-layer term to what another code path
+saves for backward; each is the tensor shapes that path hands to autograd (read from the code and
+checked per tensor with ``torch.autograd.graph.saved_tensors_hooks`` on the tiny model, CPU,
+torch 2.13, fp32 and bf16; tests/test_costmodel_memory.py):
+
+    rmsnorm_impl = "unfused" (torch.nn.RMSNorm, Megatron's fallback without apex/TE): per norm
+        the input term b h becomes 8 h + 4: the composite kernel saves an fp32 copy of its input
+        (the input itself in fp32) for x^2, the fp32 x * rstd for the weight multiply, and the
+        fp32 rstd [T, 1]; its output (next GEMM input, b h) is counted as before.
+    rope_impl = "unfused" (``megatron_hbp.mcore.attention.apply_rope``, used by every backend of
+        this repository): + 16 d per token: fp32 cos and sin [T, 1, d] are saved by the two
+        multiplies, once for q and once for k (fp32 whatever b, shared by heads and TP ranks).
+    swiglu_impl = "unfused" (Megatron local MLP with ``bias_activation_fusion=False``):
+        + 2 b f / t: silu(x1) and the copy ``x2 + glu_linear_offset`` are saved by the product,
+        besides the FC1 output (2 f, saved by silu as a view) and the FC2 input (f).
+    attention_impl = "math" (PyTorch SDPA's math backend, one call per document, which is what
+        ``packed_attention(backend="sdpa")`` runs on CPU with GQA): replaces 2 q + 2 kv + 4 a
+        per token by  4 (2 q + v') / t + b q / t  per token  +  4 a / t  per element of each
+        document's l x l score matrix. The backend upcasts bf16 to fp32 and saves the scaled
+        query [a, l, d], the scaled K^T expanded to a heads [a, d, l], V expanded to a heads
+        (v' = q), and the softmax probabilities [a, l, l] (the full square, not the causal half);
+        the RoPE'd q, k are not saved. Without GQA (a = g) in fp32 V is not copied: it is a view
+        of the fused QKV GEMM output, whose whole storage stays alive (v' = q + 2 kv). The
+        attention output (b q) is the input of the output projection. Needs the documents'
+        sum of l^2 and c = 1.
+    attention_expand_kv = True (``backend="varlen"``: K/V repeated to a heads before the flash
+        kernel): the flash term saves k and v with a heads: 2 kv -> 2 q.
 
 The fewest recomputed layers that fit (GreedyProfileCkpt, computed): memory is linear in k
 after the first recomputed layer, so k* = ceil((M(0) + full - budget) / (full - checkpointed)),
@@ -159,6 +189,25 @@ class TrainingSetup:
     """Attention backward FLOPs / forward FLOPs (2.5 for FlashAttention-2)."""
     activation_bytes: int = 2
     """Bytes per stored activation element (2 for bf16 training; 4 for an fp32 run)."""
+    attention_impl: str = "flash"
+    """What the attention kernel saves for backward: ``flash`` (FlashAttention / TE / varlen: q, k,
+    v, output and the fp32 softmax LSE; the GPU path) or ``math`` (PyTorch SDPA's math backend per
+    document, what the ``sdpa`` backend runs on CPU with GQA: fp32 scaled q, K^T and V expanded to
+    all heads and the fp32 [heads, l, l] probabilities of every document; memory then needs the
+    documents' sum of squared lengths)."""
+    attention_expand_kv: bool = False
+    """``flash`` only: K/V are repeated to all query heads before the kernel, which then saves the
+    copies (the ``varlen`` backend of ``megatron_hbp.mcore.attention`` does this for GQA)."""
+    rope_impl: str = "fused"
+    """``fused`` (TE fused RoPE: nothing saved besides q, k) or ``unfused``
+    (``megatron_hbp.mcore.attention.apply_rope``, every backend of this repository: fp32 cos and sin
+    [T, head_dim] saved for q and for k)."""
+    swiglu_impl: str = "fused"
+    """``fused`` (Megatron ``bias_swiglu_impl``: saves the FC1 output only) or ``unfused`` (local MLP
+    without ``bias_activation_fusion``: also saves silu(x1) and a copy of x2, 2 ffn values)."""
+    rmsnorm_impl: str = "fused"
+    """``fused`` (TE/apex RMSNorm: saves its input) or ``unfused`` (``torch.nn.RMSNorm``, Megatron's
+    fallback on CPU: saves an fp32 copy of the input, the fp32 normalised input and fp32 rstd)."""
 
     def __post_init__(self):
         if self.tensor_parallel < 1:
@@ -166,6 +215,25 @@ class TrainingSetup:
         if self.grad_bytes not in (2, 4):
             raise ConfigError(
                 f"training setup: grad_bytes must be 2 (bf16) or 4 (fp32), got {self.grad_bytes}"
+            )
+        for name, allowed in (
+            ("attention_impl", ("flash", "math")),
+            ("rope_impl", ("fused", "unfused")),
+            ("swiglu_impl", ("fused", "unfused")),
+            ("rmsnorm_impl", ("fused", "unfused")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"training setup: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.attention_expand_kv and self.attention_impl != "flash":
+            raise ConfigError(
+                "training setup: attention_expand_kv describes the flash kernel; the math backend always "
+                "expands K/V (set attention_expand_kv: false)"
+            )
+        if self.activation_bytes not in (2, 4):
+            raise ConfigError(
+                f"training setup: activation_bytes must be 2 (bf16) or 4 (fp32), got {self.activation_bytes}"
             )
         if self.memory_reserve_gib < 0 or self.fused_loss_chunk_tokens < 1:
             raise ConfigError(
@@ -430,12 +498,40 @@ class CostModel:
 
     # ------------------------------------------------------------------ memory
     def full_layer_bytes_per_token(self) -> float:
-        """Activation bytes one token keeps in one non-recomputed layer (per GPU)."""
-        t = self.setup.tensor_parallel
-        h, f = self.model.hidden_size, self.model.ffn_hidden_size
-        a = self.model.num_attention_heads
-        b = float(self.setup.activation_bytes)
-        return b * (4 * h + (2 * self.q_dim + 2 * self.kv_dim + 3 * f) / t) + 4.0 * a / t
+        """Activation bytes one token keeps in one non-recomputed layer (per GPU), the part linear in
+        tokens; with ``attention_impl="math"`` add ``full_layer_bytes_per_sq_length`` x sum l^2."""
+        st, m = self.setup, self.model
+        t = st.tensor_parallel
+        h, f, a, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.head_dim
+        q, kv = self.q_dim, self.kv_dim
+        b = float(st.activation_bytes)
+        # two RMSNorms: what each keeps of its input + its output (the next GEMM's input)
+        norm_in = b * h if st.rmsnorm_impl == "fused" else 8.0 * h + 4.0
+        total = 2 * (norm_in + b * h)
+        if st.attention_impl == "flash":
+            k_v = 2 * q if st.attention_expand_kv else 2 * kv
+            total += b * (2 * q + k_v) / t + 4.0 * a / t  # q, k, v, output; fp32 LSE
+        else:
+            v_saved = q + 2 * kv if (a == m.num_query_groups and b == 4) else q
+            total += 4.0 * (2 * q + v_saved) / t + b * q / t  # fp32 q, K^T, V; output
+        if st.rope_impl == "unfused":
+            total += 16.0 * d  # fp32 cos, sin [T, 1, d] for q and for k
+        total += b * (3 if st.swiglu_impl == "fused" else 5) * f / t
+        return total
+
+    def full_layer_bytes_per_sq_length(self) -> float:
+        """Activation bytes of one non-recomputed layer per unit of sum over documents of l^2 (per
+        GPU): the fp32 [heads, l, l] probabilities of the math backend, 0 for flash attention."""
+        if self.setup.attention_impl == "flash":
+            return 0.0
+        return 4.0 * self.model.num_attention_heads / self.setup.tensor_parallel
+
+    def full_layer_bytes(self, tokens, sum_sq_lengths=0.0):
+        """Activation bytes of one non-recomputed layer holding ``tokens`` tokens of documents whose
+        squared lengths sum to ``sum_sq_lengths`` (only the math attention uses it)."""
+        return self.full_layer_bytes_per_token() * np.asarray(
+            tokens, dtype=np.float64
+        ) + self.full_layer_bytes_per_sq_length() * np.asarray(sum_sq_lengths, dtype=np.float64)
 
     def checkpoint_layer_bytes_per_token(self) -> float:
         """Activation bytes one token keeps in one recomputed layer (its input)."""
@@ -447,15 +543,33 @@ class CostModel:
         shard = self.dp_cp_ranks if self.setup.distributed_optimizer else 1
         return 2.0 * n, float(self.setup.grad_bytes) * n, 12.0 * n / shard
 
-    def memory(self, pack_tokens: float, cp: int, recompute_layers: int) -> MemoryBreakdown:
-        """Peak memory of one GPU running micro-batches of ``pack_tokens`` tokens with CP ``cp``."""
+    def _sq_lengths(self, cp: int, sum_sq_lengths: float | None) -> float:
+        if self.setup.attention_impl == "flash":
+            return 0.0
+        if cp != 1:
+            raise ValueError("attention_impl='math' is modelled for cp == 1 only (the CPU reference path)")
+        if sum_sq_lengths is None:
+            raise ValueError(
+                "attention_impl='math' keeps the [heads, l, l] probabilities of every document: "
+                "pass sum_sq_lengths (sum of the pack's squared document lengths)"
+            )
+        return float(sum_sq_lengths)
+
+    def memory(
+        self, pack_tokens: float, cp: int, recompute_layers: int, *, sum_sq_lengths: float | None = None
+    ) -> MemoryBreakdown:
+        """Peak memory of one GPU running micro-batches of ``pack_tokens`` tokens with CP ``cp``.
+
+        ``sum_sq_lengths``: sum of the squared document lengths of the pack, needed (and used) only
+        with ``attention_impl="math"``."""
         L, k = self.model.num_layers, int(recompute_layers)
         if not 0 <= k <= L:
             raise ValueError(f"recompute_layers must be in [0, {L}], got {k}")
         t = self.setup.tensor_parallel
         h, V = self.model.hidden_size, self.model.vocab_size
         T = pack_tokens / cp
-        full, ckpt = self.full_layer_bytes_per_token() * T, self.checkpoint_layer_bytes_per_token() * T
+        full = float(self.full_layer_bytes(T, self._sq_lengths(cp, sum_sq_lengths)))
+        ckpt = self.checkpoint_layer_bytes_per_token() * T
         act = (
             (L - k) * full
             + k * ckpt
@@ -471,23 +585,32 @@ class CostModel:
         return MemoryBreakdown(w, g, o, act, loss, cp_buf, self.setup.memory_reserve_gib * GIB)
 
     def min_recompute_layers(
-        self, pack_tokens: float, cp: int, budget_bytes: float | None = None
+        self,
+        pack_tokens: float,
+        cp: int,
+        budget_bytes: float | None = None,
+        *,
+        sum_sq_lengths: float | None = None,
     ) -> int | None:
         """Fewest recomputed layers whose peak memory fits ``budget_bytes`` (default: the GPU);
-        None when even all layers recomputed do not fit (closed form, see module docstring)."""
+        None when even all layers recomputed do not fit (closed form, see module docstring).
+        ``sum_sq_lengths`` as in ``memory``."""
         budget = self.hardware.memory_bytes if budget_bytes is None else budget_bytes
-        m0 = self.memory(pack_tokens, cp, 0).total
+        sq = sum_sq_lengths
+        m0 = self.memory(pack_tokens, cp, 0, sum_sq_lengths=sq).total
         if m0 <= budget:
             return 0
         T = pack_tokens / cp
-        full = self.full_layer_bytes_per_token() * T
+        full = float(self.full_layer_bytes(T, self._sq_lengths(cp, sq)))
         saving = full - self.checkpoint_layer_bytes_per_token() * T
         k = max(1, math.ceil((m0 + full - budget) / saving - 1e-9))
         if k > self.model.num_layers:
             return None
         # guard against floating-point rounding at the boundary
-        while k > 1 and self.memory(pack_tokens, cp, k - 1).total <= budget:
+        while k > 1 and self.memory(pack_tokens, cp, k - 1, sum_sq_lengths=sq).total <= budget:
             k -= 1
-        while k <= self.model.num_layers and self.memory(pack_tokens, cp, k).total > budget:
+        while (
+            k <= self.model.num_layers and self.memory(pack_tokens, cp, k, sum_sq_lengths=sq).total > budget
+        ):
             k += 1
         return k if k <= self.model.num_layers else None
