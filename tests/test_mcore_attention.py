@@ -11,6 +11,7 @@ from megatron_hbp.mcore.attention import (
     RopeSpec,
     apply_rope,
     packed_attention,
+    resolve_backend,
     rope_inv_freq,
     select_backend,
 )
@@ -109,6 +110,32 @@ def test_backend_selection_and_errors():
     with pytest.raises(ValueError, match="sum to"):
         q, k, v, cu = _qkv()
         packed_attention(q, k, v, cu, [5, 1, 9], backend="sdpa")
+
+
+@pytest.mark.parametrize(
+    "on_cuda,dtype,te,varlen,expected",
+    [
+        (True, torch.float32, True, True, "sdpa"),  # fp32: no flash/fused kernel takes it
+        (True, torch.float32, False, True, "sdpa"),
+        (True, torch.bfloat16, True, True, "te"),
+        (True, torch.bfloat16, False, True, "varlen"),
+        (True, torch.float16, False, True, "varlen"),
+        (True, torch.bfloat16, False, False, "sdpa"),
+        (False, torch.bfloat16, True, True, "sdpa"),  # not on CUDA
+    ],
+)
+def test_auto_backend_rule(on_cuda, dtype, te, varlen, expected):
+    got = resolve_backend("auto", on_cuda=on_cuda, dtype=dtype, te_available=te, varlen_available=varlen)
+    assert got == expected
+
+
+def test_explicit_half_only_backend_with_fp32_is_a_clear_error():
+    env = dict(on_cuda=True, te_available=True, varlen_available=True)
+    for name in ("varlen", "te"):
+        with pytest.raises(ValueError, match="needs fp16/bf16 activations.*attention_backend: sdpa"):
+            resolve_backend(name, dtype=torch.float32, **env)
+        assert resolve_backend(name, dtype=torch.bfloat16, **env) == name
+    assert resolve_backend("sdpa", dtype=torch.float32, **env) == "sdpa"
 
 
 def test_llama3_inv_freq_matches_megatron():

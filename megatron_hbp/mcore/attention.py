@@ -15,7 +15,7 @@ Backends (``select_backend``):
 
 * ``"te"``: Transformer Engine's fused attention, THD format (when ``transformer_engine``
   imports; not installable on our machines, so this path is untested here),
-* ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` on CUDA (flash attention, K/V
+* ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` on CUDA, fp16/bf16 only (flash attention, K/V
   heads expanded for GQA, causal = ``window_size=(-1, 0)``),
 * ``"sdpa"``: PyTorch SDPA per document (CPU and any device; the reference).
 
@@ -113,24 +113,54 @@ def _varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
-def select_backend(requested: str = "auto", device: torch.device | str | None = None) -> str:
-    """Resolve ``requested`` to a backend usable on ``device`` (clear error when it is not)."""
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def resolve_backend(
+    requested: str, *, on_cuda: bool, dtype: torch.dtype | None, te_available: bool, varlen_available: bool
+) -> str:
+    """The attention backend rule, as a pure function of the environment (testable without CUDA).
+
+    ``auto`` picks ``te``, then ``varlen``, only on CUDA with fp16/bf16 activations (both are
+    flash/fused kernels without fp32 support; the same rule as ``megatron_hbp.cp.attention``'s
+    ``auto``), else ``sdpa``. An explicit ``te``/``varlen`` the environment cannot run is a
+    ``ValueError`` naming the fix. ``dtype=None`` (unknown) skips the dtype condition.
+    """
     if requested not in BACKENDS:
         raise ValueError(f"attention backend '{requested}' unknown; choose one of {', '.join(BACKENDS)}")
-    on_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    half = dtype is None or dtype in HALF_DTYPES
     if requested == "auto":
-        if on_cuda and _te_available():
+        if on_cuda and half and te_available:
             return "te"
-        if on_cuda and _varlen_available():
+        if on_cuda and half and varlen_available:
             return "varlen"
         return "sdpa"
-    if requested == "te" and not (on_cuda and _te_available()):
+    if requested == "te" and not (on_cuda and te_available):
         raise ValueError("attention backend 'te' needs CUDA and transformer_engine; use 'varlen' or 'sdpa'")
-    if requested == "varlen" and not (on_cuda and _varlen_available()):
+    if requested == "varlen" and not (on_cuda and varlen_available):
         raise ValueError(
             "attention backend 'varlen' needs CUDA and torch.nn.attention.varlen (torch >= 2.11); use 'sdpa'"
         )
+    if requested in ("te", "varlen") and not half:
+        raise ValueError(
+            f"attention backend '{requested}' needs fp16/bf16 activations, got {dtype}; "
+            "set dtype: bf16 or attention_backend: sdpa (or auto)"
+        )
     return requested
+
+
+def select_backend(
+    requested: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """Resolve ``requested`` for ``device`` and activation ``dtype`` (see :func:`resolve_backend`)."""
+    on_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    return resolve_backend(
+        requested,
+        on_cuda=on_cuda,
+        dtype=dtype,
+        te_available=on_cuda and _te_available(),
+        varlen_available=on_cuda and _varlen_available(),
+    )
 
 
 def packed_attention(
@@ -235,7 +265,8 @@ class PackedCoreAttention(MegatronModule):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
-        self.backend = select_backend(backend)
+        # params_dtype is the activation dtype too (build_model: bf16 -> params_dtype bf16).
+        self.backend = select_backend(backend, dtype=getattr(config, "params_dtype", None))
         # CP > 1 steps go through megatron_hbp.cp, which resolves "auto" per tensor dtype itself.
         self.requested_backend = backend
         self.rope = rope
