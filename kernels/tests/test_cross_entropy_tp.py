@@ -62,7 +62,8 @@ def _worker(rank: int, init_file: str) -> None:
                 )
                 loss.backward()
                 where = f"rank {rank} {backend} {dtype}"
-                assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()), where
+                loss_tol = 1e-5 if dtype == torch.float32 else 1e-4  # inputs are bf16-exact in fp32
+                assert abs(loss.item() - ref.item()) <= loss_tol * abs(ref.item()), where
                 assert count.item() == int((labels != -100).sum()), where
                 assert _rel(h.grad, h_ref.grad) <= tol, where
                 assert _rel(w.grad, w_ref.grad[shard]) <= tol, where
@@ -81,7 +82,7 @@ def _worker(rank: int, init_file: str) -> None:
                     chunk_tokens=20,
                 )
                 loss1.backward()
-                assert abs(loss1.item() - ref.item()) <= 1e-4 * abs(ref.item()), where
+                assert abs(loss1.item() - ref.item()) <= loss_tol * abs(ref.item()), where
                 assert _rel(h1.grad, h_ref.grad) <= tol, where
                 assert _rel(w1.grad, w_ref.grad[shard]) <= tol, where
 
@@ -112,7 +113,7 @@ def _worker(rank: int, init_file: str) -> None:
                     x, labels, 40.0, tp_group=group, backend=backend
                 )
                 loss_x.backward()
-                assert abs(loss_x.item() - ref_x.item()) <= 1e-4 * abs(ref_x.item()), where
+                assert abs(loss_x.item() - ref_x.item()) <= loss_tol * abs(ref_x.item()), where
                 assert _rel(x.grad, x_ref.grad[:, shard]) <= tol, where
 
                 if not full:
