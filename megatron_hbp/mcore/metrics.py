@@ -18,24 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_hbp.kernels import attention_cost, attention_pairs_to_flops
+
 # Dense bf16 peak of one GPU, TFLOP/s (vendor datasheets, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0}
 
 
 def rank_attention_pairs(batches) -> int:
-    """Causal (query, key) pairs this rank computes for its micro-batches of one step."""
-    try:
-        from megatron_hbp.kernels import attention_cost
-    except ImportError:  # pragma: no cover - kernels package always present in this repo
-        attention_cost = None
+    """Causal (query, key) pairs this rank computes for its micro-batches of one step
+    (``megatron_hbp.kernels.attention_cost``: exact per zigzag CP rank)."""
     total = 0
     for b in batches:
-        if attention_cost is not None:
-            lengths = torch.tensor(b.lengths, dtype=torch.int64)
-            offsets = torch.tensor([0, len(b.lengths)], dtype=torch.int64)
-            total += int(attention_cost(lengths, offsets, b.cp, backend="torch")[0, b.cp_rank])
-        else:
-            total += sum(n * (n + 1) // 2 for n in b.lengths) // b.cp
+        lengths = torch.tensor(b.lengths, dtype=torch.int64)
+        offsets = torch.tensor([0, len(b.lengths)], dtype=torch.int64)
+        total += int(attention_cost(lengths, offsets, b.cp, backend="torch")[0, b.cp_rank])
     return total
 
 
@@ -51,14 +47,29 @@ def peak_tflops(device_name: str | None = None) -> float | None:
 
 
 def model_flops(model_cfg, tokens: int, attn_pairs: int) -> float:
-    """Training FLOPs (forward + backward, no recompute): 6·N·tokens + attention 12·pairs·(heads·d)·L."""
+    """Training FLOPs of one step (forward + backward, recompute not counted: MFU convention).
+
+    ``6 · N_dense · tokens`` (weights except embeddings: 2 forward + 4 backward per weight and
+    token) + ``6 · vocab · hidden · tokens`` (output layer) + attention from
+    ``megatron_hbp.kernels.attention_pairs_to_flops``: ``4 · head_dim`` forward FLOPs per causal
+    (q, k) pair, query head and layer, backward 2x the forward, so ``12 · pairs · heads · head_dim
+    · layers``. ``tokens``: real tokens of the step (all ranks); ``attn_pairs``: pairs summed over
+    all data x context ranks.
+    """
     n_params = model_cfg.num_parameters() - model_cfg.vocab_size * model_cfg.hidden_size * (
         1 if model_cfg.tie_embeddings else 2
     )
     dense = 6.0 * n_params * tokens
     logits = 6.0 * model_cfg.vocab_size * model_cfg.hidden_size * tokens
-    attn = 12.0 * attn_pairs * model_cfg.num_attention_heads * model_cfg.head_dim * model_cfg.num_layers
-    return dense + logits + attn
+    attn = attention_pairs_to_flops(
+        int(attn_pairs),
+        num_heads=model_cfg.num_attention_heads,
+        head_dim=model_cfg.head_dim,
+        num_layers=model_cfg.num_layers,
+        include_backward=True,
+        backward_factor=2.0,
+    )
+    return dense + logits + float(attn)
 
 
 class MetricsLogger:
