@@ -259,6 +259,8 @@ def scenario_bad(work: Path, rank: int) -> dict:
         "oom": _cfg(work, "plan_w2.npz", memory_limit_gb=0.01),
         "no_sample_info": replace(_cfg(work, "plan_w2.npz"), data=replace(_cfg(work, "x").data, sample_info=str(work / "nope.npz"))),
         "checkpoint_other_plan": _cfg(work, "plan_w2.npz", checkpoint=CheckpointConfig(load=str(work / "ckpt_resume"))),
+        "lengths_plan_fewer_samples": _cfg(work, "plan_lengths_fewer.npz"),
+        "lengths_plan_other_lengths": _cfg(work, "plan_lengths_other.npz"),
     }  # fmt: skip
     out = {}
     for name, cfg in cases.items():

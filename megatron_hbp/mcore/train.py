@@ -355,6 +355,8 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
             raise TrainSetupError(
                 f"data file {f} listed in {cfg.data.sample_info} does not exist; restore it or rebuild the sample info"
             )
+    from megatron_hbp.planner import PlanMismatchError
+
     plan = load_plan(cfg.plan.path)
     if plan.world_size != dp_size:
         raise TrainSetupError(
@@ -367,6 +369,15 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
             f"plan {cfg.plan.path} was built from another sample info (fingerprint {plan.fingerprint[:12]} vs "
             f"{info.fingerprint[:12]} of {cfg.data.sample_info}); rebuild the plan"
         )
+    # A plan built from bare lengths (tools/plan.py --lengths) has no fingerprint: its sample count and
+    # lengths digest are then the only guard against training on other samples than it packed.
+    try:
+        plan.check_lengths(info.lengths)
+    except PlanMismatchError as e:
+        raise TrainSetupError(
+            f"plan {cfg.plan.path} does not match sample info {cfg.data.sample_info}: {e} "
+            f"(e.g. tools/plan.py --sample-info {cfg.data.sample_info})"
+        ) from None
     degrees = sorted({int(g.cp) for g in plan.groups})
     for c in degrees:
         if dp_size % c:
