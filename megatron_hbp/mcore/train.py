@@ -579,7 +579,11 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     dataset = SFTDataset(
         prep.sample_info if not isinstance(cfg.data.sample_info, str) else cfg.data.sample_info
     )
-    pad_id = getattr(getattr(dataset, "tokenizer", None), "pad_id", 0) or 0
+    # The padding id never matters, so 0 is used: padding sits after a document's real tokens inside
+    # its own (causal) span, so no real token attends to it; it is never a target (label 0, loss
+    # weight 0), hence its logits, and the embedding row it reads, get exactly zero gradient; a
+    # padding-only micro-batch has no loss tokens at all.
+    pad_id = 0
     _check_first_samples(prep, dataset, dp_rank, start)
     items = rank_work_items(plan, dp_rank, start, end)
     loader = make_loader(
