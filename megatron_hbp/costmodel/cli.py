@@ -8,8 +8,9 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from megatron_hbp.configio import ConfigError
+from megatron_hbp.configio import ConfigError, from_dict
 from megatron_hbp.costmodel.hardware import available_hardware
 from megatron_hbp.costmodel.model import CostModel, Efficiency, TrainingSetup
 from megatron_hbp.model_config import available_presets
@@ -67,22 +68,13 @@ def read_inputs(a: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, s
     return read_lengths(a.lengths), None, str(a.lengths)
 
 
-def _parse_value(field: dataclasses.Field, raw: str):
-    tp = (
-        field.type
-        if isinstance(field.type, type)
-        else {"float": float, "int": int, "bool": bool}.get(field.type)
-    )
-    if tp is bool or field.type == "bool":
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--set {field.name}={raw}: expected true or false")
+def _parse_value(raw: str):
+    """A ``--set`` value as YAML would read it (numbers, true/false, strings); the dataclass
+    conversion in ``configio.from_dict`` then checks its type against the field."""
     try:
-        return (tp or float)(raw)
-    except ValueError:
-        raise ConfigError(f"--set {field.name}={raw}: expected a number") from None
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def build_cost_model(a: argparse.Namespace) -> CostModel:
@@ -94,9 +86,9 @@ def build_cost_model(a: argparse.Namespace) -> CostModel:
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
         if key in eff_fields:
-            eff[key] = _parse_value(eff_fields[key], raw)
+            eff[key] = _parse_value(raw)
         elif key in setup_fields:
-            setup[key] = _parse_value(setup_fields[key], raw)
+            setup[key] = _parse_value(raw)
         else:
             raise ConfigError(
                 f"--set {key}: unknown; Efficiency fields: {', '.join(eff_fields)}; "
@@ -107,8 +99,8 @@ def build_cost_model(a: argparse.Namespace) -> CostModel:
         a.gpu,
         num_gpus=a.num_gpus,
         gpus_per_node=a.gpus_per_node,
-        setup=TrainingSetup(**setup),
-        efficiency=Efficiency(**eff),
+        setup=from_dict(TrainingSetup, setup, where="--set"),
+        efficiency=from_dict(Efficiency, eff, where="--set"),
     )
 
 
