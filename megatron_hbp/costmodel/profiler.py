@@ -5,11 +5,9 @@ processing ``packs`` one after another, each pack one micro-batch, and returns t
 the peak memory per GPU. Two implementations:
 
 - ``AnalyticProfiler``: the cost model (``megatron_hbp.costmodel.model``), no GPU.
-- ``MeasuredProfiler``: real forward+backward iterations of the training model
-  (``megatron_hbp.mcore``) on the local GPU, timed with CUDA events after warm-up, peak
-  memory from ``torch.cuda.max_memory_allocated``. It imports torch and the training code
-  lazily inside ``profile`` so this module stays NumPy-only; CP > 1 needs several GPUs and
-  raises ``NotImplementedError``.
+- ``megatron_hbp.mcore.profiler.MeasuredProfiler`` (not here: it imports torch and Megatron,
+  which only ``megatron_hbp.mcore`` may): real training iterations of the trainer's model on
+  the local GPU, optimizer and DDP buffers included in the peak memory.
 
 ``calibrate(cost_model, points)`` fits the efficiency factors to measured points by linear
 least squares on the compute-bound form of the model
@@ -117,119 +115,6 @@ class AnalyticProfiler(Profiler):
             tokens_per_gpu=float(pack_tokens.sum()) / cp,
             time_s=float(times.sum()),
             peak_memory_bytes=float(mem),
-            memory_budget_bytes=self.memory_budget_bytes,
-        )
-
-
-class MeasuredProfiler(Profiler):
-    """Real forward + backward iterations of the training model on the local GPU.
-
-    Args:
-        model: ``ModelConfig`` or preset name (``megatron_hbp.model_config``).
-        iterations: timed iterations per pack (after ``warmup``); the median is used.
-        memory_budget_bytes: defaults to the GPU's total memory.
-        attention_backend: passed to ``megatron_hbp.mcore.model.build_model``.
-
-    Uses ``megatron_hbp.mcore.train.init_distributed``, ``megatron_hbp.mcore.model.build_model`` /
-    ``set_recompute``,
-    ``megatron_hbp.mcore.batch.build_packed_batch`` / ``to_model_inputs`` and
-    ``megatron_hbp.mcore.loss.token_losses`` (the training path), bf16, random token ids.
-    """
-
-    def __init__(
-        self,
-        model,
-        *,
-        iterations: int = 3,
-        warmup: int = 1,
-        memory_budget_bytes: float | None = None,
-        attention_backend: str = "auto",
-        seed: int = 0,
-    ):
-        from megatron_hbp.model_config import load_model_config
-
-        self.model_cfg = load_model_config(model) if isinstance(model, str) else model
-        self.num_layers = self.model_cfg.num_layers
-        self.iterations, self.warmup, self.seed = int(iterations), int(warmup), int(seed)
-        self.attention_backend = attention_backend
-        self._budget = memory_budget_bytes
-        self._model = None
-
-    @property
-    def memory_budget_bytes(self) -> float:
-        if self._budget is None:
-            import torch
-
-            self._budget = float(torch.cuda.get_device_properties(0).total_memory)
-        return self._budget
-
-    def _build(self):  # pragma: no cover - needs a GPU
-        import torch
-        from megatron.core import parallel_state  # the training path's own dependency
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        from megatron_hbp.mcore.model import build_model
-        from megatron_hbp.mcore.train import init_distributed
-
-        init_distributed()  # single process unless launched by torchrun
-        if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(1, 1)
-        model_parallel_cuda_manual_seed(self.seed)
-        self._model = build_model(
-            self.model_cfg, dtype=torch.bfloat16, attention_backend=self.attention_backend
-        )
-        return self._model
-
-    def profile(self, packs, pack_length, cp, recompute_layers):  # pragma: no cover - needs a GPU
-        try:
-            import torch
-        except ImportError as e:
-            raise NotImplementedError("MeasuredProfiler needs torch and a CUDA GPU") from e
-        if not torch.cuda.is_available():
-            raise NotImplementedError("MeasuredProfiler needs a CUDA GPU; use AnalyticProfiler on CPU")
-        if cp != 1:
-            raise NotImplementedError(
-                "MeasuredProfiler runs on one GPU: cp > 1 needs a CP group of several GPUs "
-                "(profile cp=1 settings and let calibrate() fit the model, or run under torchrun)"
-            )
-        from megatron_hbp.mcore.batch import build_packed_batch, to_model_inputs
-        from megatron_hbp.mcore.loss import token_losses
-        from megatron_hbp.mcore.model import set_recompute
-
-        model = self._model or self._build()
-        set_recompute(model, recompute_layers)
-        rng = np.random.default_rng(self.seed)
-        vocab = self.model_cfg.vocab_size
-        batches = []
-        for p in packs:
-            docs = [(rng.integers(1, vocab, int(n)), np.ones(int(n), np.uint8)) for n in p]
-            batches.append(to_model_inputs(build_packed_batch(docs, [int(n) for n in p]), "cuda"))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for it in range(self.warmup + self.iterations):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for inputs in batches:
-                losses = token_losses(model, inputs)
-                (losses.float().reshape(-1) * inputs["loss_weight"].reshape(-1)).sum().backward()
-            end.record()
-            torch.cuda.synchronize()
-            if it >= self.warmup:
-                times.append(start.elapsed_time(end) / 1e3)
-            for prm in model.parameters():
-                prm.grad = None
-                if hasattr(prm, "main_grad"):
-                    prm.main_grad = None
-        tokens = float(sum(int(np.sum(p)) for p in packs))
-        return ProfileResult(
-            pack_length=int(pack_length),
-            cp=1,
-            recompute_layers=int(recompute_layers),
-            num_packs=len(packs),
-            tokens_per_gpu=tokens,
-            time_s=float(np.median(times)),
-            peak_memory_bytes=float(torch.cuda.max_memory_allocated()),
             memory_budget_bytes=self.memory_budget_bytes,
         )
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from megatron_hbp.configio import ConfigError, to_dict
-from megatron_hbp.mcore.config import TrainConfig, load_train_config
+from megatron_hbp.mcore.config import OptimizerConfig, TrainConfig, load_train_config
 from megatron_hbp.model_config import ModelConfig, load_model_config
 
 
@@ -437,6 +437,49 @@ def _check_first_samples(prep: Prepared, dataset, dp_rank: int, start: int) -> N
 # ----------------------------------------------------------------------------- training
 
 
+def wrap_ddp_and_optimizer(model, oc: OptimizerConfig, *, bf16: bool, dtype: torch.dtype):
+    """Megatron DDP (fp32 gradient buffer) and Megatron Adam around ``model``, as training uses them.
+
+    Returns ``(ddp_model, optimizer)``. Memory per parameter on top of the weights: 4 B of fp32
+    gradient buffer, 8 B of Adam moments and, in bf16, 4 B of fp32 main weights (the
+    distributed optimizer shards the last two over the data-parallel ranks).
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    tconfig = model.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=oc.use_distributed_optimizer,
+    )
+    model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+    tconfig.no_sync_func = model.no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=oc.lr,
+            min_lr=oc.min_lr,
+            weight_decay=oc.weight_decay,
+            adam_beta1=oc.adam_beta1,
+            adam_beta2=oc.adam_beta2,
+            adam_eps=oc.adam_eps,
+            clip_grad=oc.clip_grad,
+            bf16=bf16,
+            params_dtype=dtype,
+            use_distributed_optimizer=oc.use_distributed_optimizer,
+        ),
+        [model],
+    )
+    return model, optimizer
+
+
 def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     """Train according to ``cfg``; returns the metric records (on the logging rank).
 
@@ -447,12 +490,6 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     prep = preflight(cfg, world, rank)
 
     from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -510,32 +547,8 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             print(f"[hbp] initial weights from {cfg.init_from}", flush=True)
     elif cfg.init_from is not None and rank == 0:
         print(f"[hbp] resuming: init_from {cfg.init_from} not loaded (the checkpoint wins)", flush=True)
-    tconfig = model.config
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-    )
-    model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
-    tconfig.no_sync_func = model.no_sync
-    tconfig.finalize_model_grads_func = finalize_model_grads
+    model, optimizer = wrap_ddp_and_optimizer(model, cfg.optimizer, bf16=bf16, dtype=dtype)
     oc = cfg.optimizer
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=oc.lr,
-            min_lr=oc.min_lr,
-            weight_decay=oc.weight_decay,
-            adam_beta1=oc.adam_beta1,
-            adam_beta2=oc.adam_beta2,
-            adam_eps=oc.adam_eps,
-            clip_grad=oc.clip_grad,
-            bf16=bf16,
-            params_dtype=dtype,
-            use_distributed_optimizer=oc.use_distributed_optimizer,
-        ),
-        [model],
-    )
     # The schedule always spans the whole plan, so stopping early (max_steps) and resuming
     # follow exactly the same learning rates as one uninterrupted run.
     total_steps = plan.num_steps
