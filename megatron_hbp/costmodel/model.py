@@ -32,13 +32,26 @@ streaming the weights, which is what makes one-sample micro-batches expensive):
 
 The max over ranks is there because ranks of a CP group synchronise every layer.
 
-CP communication (ring/all-gather of K/V, Transformer Engine ``cp_comm_type`` p2p or
-all_gather: both move the same bytes): per layer and direction each rank receives the K/V
-of the other c-1 ranks,  B = (c-1)/c * T_p * 2 kv * 2 bytes / t.  Forward moves B, backward
-2B (K/V again and dK/dV), a recomputed layer B more. Bandwidth: NVLink when the CP group fits
-in a node (c t <= GPUs per node), else the inter-node network, times its efficiency. With
-overlap (TE pipelines ring steps with attention blocks) only max(0, comm - attention
-compute) of each layer phase is exposed; without overlap all of it is.
+CP communication. Per layer and pass each rank sends (and receives) the K/V of one CP rank to
+(from) each of the other c-1 ranks:  B = (c-1) (T_p / c) 2 kv b / t  bytes (b =
+``activation_bytes``, the K/V dtype). How many such units a micro-batch moves depends on the CP
+implementation (``TrainingSetup.cp_impl``):
+
+    ring      (Transformer Engine ring attention, ``cp_comm_type="p2p"``, the GPU-cluster path):
+              forward sends K/V around the ring (B); backward sends K/V around again together
+              with the partial dK/dV (2B); a recomputed layer repeats its forward (B):
+              (3 L + k) B per micro-batch.
+    allgather (``megatron_hbp.cp``, what this repository's trainer runs, ``cp/comm.py``):
+              one all-gather of K/V per forward (B, again for a recomputed layer) and one
+              reduce-scatter of dK/dV per backward (B): (2 L + k) B per micro-batch, equal to
+              ``megatron_hbp.cp.cp_comm_bytes(T_p, g / t, d, c, num_layers=L,
+              recompute_layers=k, dtype_bytes=b)`` (tests/test_costmodel_cp.py).
+
+Bandwidth: NVLink when the CP group fits in a node (c t <= GPUs per node), else the inter-node
+network, times its efficiency. ring with overlap (TE pipelines ring steps with attention blocks):
+only max(0, comm - attention compute) of each layer phase is exposed; ring without overlap and
+allgather (a blocking collective before / after the attention kernel, nothing to hide behind)
+expose all of it.
 
 Data-parallel gradient reduction, once per step, over the n = GPUs / t ranks that hold the
 same weights (DP x CP): distributed optimizer = reduce-scatter of g-byte gradients plus
@@ -67,7 +80,8 @@ scores are never stored:
     loss         = unfused: 14 T V / t  (bf16 logits, fp32 copy, fp32 softmax and gradient;
                    measured 13.7-14.8 GB for 8192 x 128256 on a GPU, ENVIRONMENT.md)
                    fused (chunked linear + CE): 4 T h + 6 chunk V / t
-    CP buffers   = 2 T_p 2 kv 2 / t  (gathered K/V and their gradients) when c > 1
+    CP buffers   = 2 T_p 2 kv 2 / t  (transient gathered K/V and their gradients of the layer
+                   being computed) when c > 1, either ``cp_impl``
     total        = static + activations + loss + CP buffers + memory_reserve_gib
 
 Implementation knobs (``TrainingSetup``) change the full-layer term to what another code path
@@ -97,6 +111,20 @@ torch 2.13, fp32 and bf16; tests/test_costmodel_memory.py):
         sum of l^2 and c = 1.
     attention_expand_kv = True (``backend="varlen"``: K/V repeated to a heads before the flash
         kernel): the flash term saves k and v with a heads: 2 kv -> 2 q.
+    cp_impl = "allgather" with c > 1 (``megatron_hbp.cp.cp_attention_local``, its CUDA varlen
+        path): the flash term's K/V (2 kv b / t per local token, or 2 q b / t expanded) is
+        replaced by the rows ``index_select``-ed from the gathered pack for the kernel, which the
+        kernel saves: for each document of padded length l (chunks of s = l / 2c) rank r attends
+        chunk r to keys [0, (r+1) s) and chunk 2c-1-r to keys [0, (2c-r) s), i.e. (2c+1) s =
+        (1 + 1/2c) l keys, whatever r (fewer when the chunk ends in padding). Per local token
+        (T = T_p / c) that is (c + 1/2) x the local K/V. The attention output is saved twice: by
+        the kernel (its ``out`` over the real queries) and, after ``index_copy`` back into the
+        local [T, a, d] layout, as the output projection's input: + b q / t. Altogether, per
+        local token of a non-recomputed layer,
+            + (c - 1/2) 2 kv b / t  (2 q instead of 2 kv when K/V are expanded)  +  b q / t.
+        The int64 index tensors (< 8 B per token, cached and shared by all layers) and the
+        transient full-pack gather (freed after the layer's forward) are not counted. ``ring``
+        keeps only the local K/V: the flash term as it is.
 
 The fewest recomputed layers that fit (GreedyProfileCkpt, computed): memory is linear in k
 after the first recomputed layer, so k* = ceil((M(0) + full - budget) / (full - checkpointed)),
@@ -208,6 +236,15 @@ class TrainingSetup:
     rmsnorm_impl: str = "fused"
     """``fused`` (TE/apex RMSNorm: saves its input) or ``unfused`` (``torch.nn.RMSNorm``, Megatron's
     fallback on CPU: saves an fp32 copy of the input, the fp32 normalised input and fp32 rstd)."""
+    cp_impl: str = "ring"
+    """Context-parallel attention of steps with CP > 1: ``ring`` (Transformer Engine's ring
+    attention, the GPU-cluster path: K/V sent around the ring in forward, again with dK/dV in
+    backward, (3 L + k) units per micro-batch, overlapped with attention when
+    ``overlap_cp_comm``; each layer keeps only its local K/V) or ``allgather`` (``megatron_hbp.cp``,
+    what this repository's trainer runs: one all-gather of K/V per forward, one reduce-scatter of
+    dK/dV per backward, (2 L + k) units, equal to the trainer's logged ``cp_comm_bytes_per_rank``,
+    never overlapped; every non-recomputed layer keeps the gathered K/V its queries attend,
+    (1 + 1/2c) of the whole pack, and a second copy of the attention output). No effect at CP 1."""
 
     def __post_init__(self):
         if self.tensor_parallel < 1:
@@ -221,6 +258,7 @@ class TrainingSetup:
             ("rope_impl", ("fused", "unfused")),
             ("swiglu_impl", ("fused", "unfused")),
             ("rmsnorm_impl", ("fused", "unfused")),
+            ("cp_impl", ("ring", "allgather")),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -389,9 +427,28 @@ class CostModel:
         return hw.internode_gb_per_s * 1e9, e.network_efficiency
 
     def cp_bytes_per_layer(self, pack_tokens, cp: int):
-        """B: K/V bytes each CP rank receives per layer in the forward pass."""
-        t = self.setup.tensor_parallel
-        return (cp - 1) / cp * np.asarray(pack_tokens, dtype=np.float64) * 2 * self.kv_dim * 2 / t
+        """B: K/V bytes each CP rank sends (and receives) per layer and pass,
+        ``(c - 1) (T_p / c) 2 kv b / t`` (``pack_tokens`` = T_p, a multiple of ``cp``)."""
+        t, b = self.setup.tensor_parallel, self.setup.activation_bytes
+        local = np.asarray(pack_tokens, dtype=np.float64) / cp
+        return (cp - 1) * local * (2 * self.kv_dim * b) / t
+
+    def cp_comm_units(self, recompute_layers: int = 0) -> int:
+        """How many B (``cp_bytes_per_layer``) one micro-batch moves: 3 L + k for ``ring``
+        (forward K/V; backward K/V and dK/dV; recomputed forwards), 2 L + k for ``allgather``
+        (all-gather per forward, reduce-scatter per backward)."""
+        L, k = self.model.num_layers, int(recompute_layers)
+        if not 0 <= k <= L:
+            raise ValueError(f"recompute_layers must be in [0, {L}], got {k}")
+        return (3 if self.setup.cp_impl == "ring" else 2) * L + k
+
+    def cp_comm_bytes_per_rank(self, pack_tokens, cp: int, recompute_layers: int = 0):
+        """Bytes one CP rank sends for CP attention on micro-batches of ``pack_tokens`` padded
+        tokens (whole pack, array-like), all layers, forward + backward (+ recompute); 0 at CP 1.
+        With ``cp_impl="allgather"`` this is what the trainer logs as ``cp_comm_bytes_per_rank``."""
+        if cp == 1:
+            return np.zeros_like(np.asarray(pack_tokens, dtype=np.float64))
+        return self.cp_bytes_per_layer(pack_tokens, cp) * self.cp_comm_units(recompute_layers)
 
     def dp_comm_bytes(self) -> float:
         """Bytes each GPU sends for one gradient reduction (+ parameter all-gather)."""
@@ -427,10 +484,8 @@ class CostModel:
         cp_eff = self.efficiency.cp_compute_efficiency if cp > 1 else 1.0
         dense = self.dense_flops(pack_tokens / cp, recompute_layers) / peak / cp_eff
         attention = self.attention_flops(pairs.max(axis=1), recompute_layers) / peak / cp_eff
-        L, k = self.model.num_layers, recompute_layers
-        units = 3 * L + k
         bw, _ = self._link(cp * self.setup.tensor_parallel)
-        comm = self.cp_bytes_per_layer(pack_tokens, cp) * units / bw if cp > 1 else np.zeros_like(pack_tokens)
+        comm = self.cp_comm_bytes_per_rank(pack_tokens, cp, recompute_layers) / bw
         return TimeComponents(dense=dense, attention=attention, comm=comm)
 
     def microbatch_time(self, pack_tokens, pairs, cp: int, recompute_layers: int = 0) -> np.ndarray:
@@ -472,9 +527,10 @@ class CostModel:
             return np.zeros_like(pack_tokens)
         L, k = self.model.num_layers, recompute_layers
         bw, eff = self._link(cp * self.setup.tensor_parallel)
-        unit = self.cp_bytes_per_layer(pack_tokens, cp) / (bw * eff)  # one layer, one direction
-        if not self.setup.overlap_cp_comm:
-            return unit * (3 * L + k)
+        unit = self.cp_bytes_per_layer(pack_tokens, cp) / (bw * eff)  # one layer, one pass
+        if not self.setup.overlap_cp_comm or self.setup.cp_impl == "allgather":
+            # megatron_hbp.cp's all-gather / reduce-scatter block the layer: nothing hides them
+            return unit * self.cp_comm_units(k)
         bwd = self.setup.attention_backward_factor
         fwd_attn = np.asarray(attention_time, dtype=np.float64) / ((1 + bwd) * L + k)  # one layer forward
         exposed = L * np.maximum(0.0, unit - fwd_attn)
@@ -497,26 +553,40 @@ class CostModel:
         )
 
     # ------------------------------------------------------------------ memory
-    def full_layer_bytes_per_token(self) -> float:
-        """Activation bytes one token keeps in one non-recomputed layer (per GPU), the part linear in
-        tokens; with ``attention_impl="math"`` add ``full_layer_bytes_per_sq_length`` x sum l^2."""
+    def full_layer_bytes_per_token(self, cp: int = 1) -> float:
+        """Activation bytes one local token keeps in one non-recomputed layer (per GPU) of a step
+        with CP ``cp``, the part linear in tokens; with ``attention_impl="math"`` add
+        ``full_layer_bytes_per_sq_length`` x sum l^2. ``cp`` matters only for
+        ``cp_impl="allgather"`` (gathered K/V kept for backward)."""
         st, m = self.setup, self.model
         t = st.tensor_parallel
-        h, f, a, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.head_dim
-        q, kv = self.q_dim, self.kv_dim
+        h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
         b = float(st.activation_bytes)
         # two RMSNorms: what each keeps of its input + its output (the next GEMM's input)
         norm_in = b * h if st.rmsnorm_impl == "fused" else 8.0 * h + 4.0
-        total = 2 * (norm_in + b * h)
-        if st.attention_impl == "flash":
-            k_v = 2 * q if st.attention_expand_kv else 2 * kv
-            total += b * (2 * q + k_v) / t + 4.0 * a / t  # q, k, v, output; fp32 LSE
-        else:
-            v_saved = q + 2 * kv if (a == m.num_query_groups and b == 4) else q
-            total += 4.0 * (2 * q + v_saved) / t + b * q / t  # fp32 q, K^T, V; output
+        total = 2 * (norm_in + b * h) + self.attention_bytes_per_token(cp)
         if st.rope_impl == "unfused":
             total += 16.0 * d  # fp32 cos, sin [T, 1, d] for q and for k
         total += b * (3 if st.swiglu_impl == "fused" else 5) * f / t
+        return total
+
+    def attention_bytes_per_token(self, cp: int = 1) -> float:
+        """The attention part of ``full_layer_bytes_per_token``: bytes one local token keeps for the
+        attention kernel's backward and the output projection's input (q, k, v, output, softmax
+        statistics), per GPU, in a step with CP ``cp``; with ``cp_impl="allgather"`` and
+        ``cp > 1`` including the gathered K/V rows and the second output copy."""
+        st, m = self.setup, self.model
+        t, a = st.tensor_parallel, m.num_attention_heads
+        q, kv = self.q_dim, self.kv_dim
+        b = float(st.activation_bytes)
+        if st.attention_impl == "math":
+            v_saved = q + 2 * kv if (a == m.num_query_groups and b == 4) else q
+            return 4.0 * (2 * q + v_saved) / t + b * q / t  # fp32 q, K^T, V; output
+        k_v = 2 * q if st.attention_expand_kv else 2 * kv
+        total = b * (2 * q + k_v) / t + 4.0 * a / t  # q, k, v, output; fp32 LSE
+        if cp > 1 and st.cp_impl == "allgather":
+            # K/V rows of (1 + 1/2c) T_p keys instead of T_p / c; the output kept twice
+            total += (cp - 0.5) * b * k_v / t + b * q / t
         return total
 
     def full_layer_bytes_per_sq_length(self) -> float:
@@ -526,10 +596,11 @@ class CostModel:
             return 0.0
         return 4.0 * self.model.num_attention_heads / self.setup.tensor_parallel
 
-    def full_layer_bytes(self, tokens, sum_sq_lengths=0.0):
-        """Activation bytes of one non-recomputed layer holding ``tokens`` tokens of documents whose
-        squared lengths sum to ``sum_sq_lengths`` (only the math attention uses it)."""
-        return self.full_layer_bytes_per_token() * np.asarray(
+    def full_layer_bytes(self, tokens, sum_sq_lengths=0.0, cp: int = 1):
+        """Activation bytes of one non-recomputed layer holding ``tokens`` local tokens of documents
+        whose squared lengths sum to ``sum_sq_lengths`` (only the math attention uses it), in a step
+        with CP ``cp``."""
+        return self.full_layer_bytes_per_token(cp) * np.asarray(
             tokens, dtype=np.float64
         ) + self.full_layer_bytes_per_sq_length() * np.asarray(sum_sq_lengths, dtype=np.float64)
 
@@ -568,7 +639,7 @@ class CostModel:
         t = self.setup.tensor_parallel
         h, V = self.model.hidden_size, self.model.vocab_size
         T = pack_tokens / cp
-        full = float(self.full_layer_bytes(T, self._sq_lengths(cp, sum_sq_lengths)))
+        full = float(self.full_layer_bytes(T, self._sq_lengths(cp, sum_sq_lengths), cp))
         ckpt = self.checkpoint_layer_bytes_per_token() * T
         act = (
             (L - k) * full
@@ -601,7 +672,7 @@ class CostModel:
         if m0 <= budget:
             return 0
         T = pack_tokens / cp
-        full = float(self.full_layer_bytes(T, self._sq_lengths(cp, sq)))
+        full = float(self.full_layer_bytes(T, self._sq_lengths(cp, sq), cp))
         saving = full - self.checkpoint_layer_bytes_per_token() * T
         k = max(1, math.ceil((m0 + full - budget) / saving - 1e-9))
         if k > self.model.num_layers:
