@@ -1,9 +1,16 @@
-"""Checkpoint compatibility, the pre-flight memory estimate, launch-environment parsing (no processes)."""
+"""Checkpoint compatibility, the pre-flight memory check (cost model of the trainer's path), launch-environment parsing (no processes)."""
 
+import numpy as np
 import pytest
 
 from megatron_hbp.mcore.checkpoint import CheckpointMismatchError, check_compatible
-from megatron_hbp.mcore.train import estimate_memory_bytes
+from megatron_hbp.mcore.train import (
+    TrainSetupError,
+    check_memory,
+    group_sum_sq_lengths,
+    hardware_for_device,
+    trainer_cost_model,
+)
 from megatron_hbp.model_config import load_model_config
 
 META = {
@@ -40,22 +47,121 @@ def test_mismatch_is_refused_with_the_difference(change, needle):
     assert needle in str(e.value)
 
 
+GIB = 2**30
+
+
+def _tiny_cm(**kw):
+    args = dict(world=2, bf16=True, attention_backend="varlen", fused_loss=True, memory_reserve_gib=0.0)
+    args.update(kw)
+    return trainer_cost_model(load_model_config("tiny"), **args)
+
+
 def test_memory_estimate_by_hand():
+    """The trainer's path on tiny (h 64, ffn 176, 4 heads of 16, 2 K/V groups, V 32000), bf16,
+    varlen flash with K/V expanded to 4 heads, torch RMSNorm, apply_rope, unfused SwiGLU, fused loss."""
     tiny = load_model_config("tiny")
     p = tiny.num_parameters()
-    # fp32, no recompute: weights 4 + grads 4 + Adam 8 bytes/param, activations 68 B x hidden per
-    # token and layer, fp32 logits + grad 8 B per vocabulary entry
+    # per token and full layer: 2 norms x (fp32 input copy + fp32 x*rstd + rstd = 8h+4, output 2h),
+    # q, expanded k, v, output 2 x 4 x 64, fp32 LSE 4 x 4, fp32 cos/sin 16 x 16, SwiGLU 2 x 5 x 176
+    full = 2 * (8 * 64 + 4 + 2 * 64) + 2 * 4 * 64 + 4 * 4 + 16 * 16 + 2 * 5 * 176
+    assert full == 3832
     t = 1000
-    want = 16 * p + t * 64 * 68 * 2 + t * 32000 * 8
-    assert estimate_memory_bytes(tiny, t, bf16=False) == int(want)
-    # recomputing both layers keeps only their 2-value inputs (fp32: 2 x 4 bytes x hidden)
-    want_rc = 16 * p + t * 64 * 2 * 2 * 4 + t * 32000 * 8
-    assert estimate_memory_bytes(tiny, t, bf16=False, recompute_layers=2) == int(want_rc)
-    # the 8B model at 16K tokens per GPU with 28 recomputed layers and the distributed optimizer
-    # fits an 80 GiB GPU by this floor, 128K tokens per GPU clearly does not
+    loss = 4 * 64 * t + 6 * t * 32000  # fused: fp32 hidden grad + one chunk (T < 4096) of fp32 logits
+    static = p * (2 + 4) + 12 * p  # bf16 weights, fp32 main grads, fp32 master + Adam (not sharded)
+    m = _tiny_cm().memory(t, 1, 0)
+    assert m.total == pytest.approx(static + t * (2 * full + 3 * 2 * 64) + loss, rel=1e-12)
+    # both layers recomputed: their 2h-byte inputs, one layer re-materialised in backward
+    m2 = _tiny_cm().memory(t, 1, 2)
+    assert m2.activations == pytest.approx(t * (2 * 128 + full + 3 * 128), rel=1e-12)
+    # distributed optimizer: the 12 B/param states sharded over the 2 DP x CP ranks
+    assert _tiny_cm(distributed_optimizer=True).memory(t, 1, 0).optimizer == pytest.approx(6 * p)
+    # CP 2 through megatron_hbp.cp (allgather): 500 local tokens; the kernel keeps (c - 1/2) more
+    # expanded K/V (1.5 x 2 x 2 x 64) and a second output copy (2 x 64); transient gathered K/V + grads
+    mc = _tiny_cm().memory(t, 2, 0)
+    full_cp = full + 1.5 * 2 * 2 * 64 + 2 * 64
+    assert mc.activations == pytest.approx(500 * (2 * full_cp + 3 * 128), rel=1e-12)
+    assert mc.cp_buffers == pytest.approx(2 * t * 2 * 32 * 2)
+    # te keeps K/V at 2 groups: 2 x (2 x 64 + 2 x 32) + 16 instead of 528 bytes
+    assert _tiny_cm(attention_backend="te").memory(t, 1, 0).activations == pytest.approx(
+        t * (2 * (full - 528 + 2 * (2 * 64 + 2 * 32) + 16) + 384), rel=1e-12
+    )
+
+
+def test_trainer_cost_model_knobs_match_costmodel():
+    """The knob mapping, checked against a CostModel built by hand from TrainingSetup."""
+    from megatron_hbp.costmodel import CostModel, TrainingSetup
+
     m8 = load_model_config("llama3_1_8b")
-    kw = dict(recompute_layers=28, dp=32, bf16=True, distributed_optimizer=True)
-    assert estimate_memory_bytes(m8, 16384, **kw) < 80 * 2**30 < estimate_memory_bytes(m8, 131072, **kw)
+    common = dict(
+        distributed_optimizer=True, rope_impl="unfused", swiglu_impl="unfused", rmsnorm_impl="unfused",
+        cp_impl="allgather", grad_bytes=4, activation_bytes=2,
+    )  # fmt: skip
+    ref = CostModel(m8, "h100_sxm", num_gpus=32, setup=TrainingSetup(attention_expand_kv=True, **common))
+    got = trainer_cost_model(m8, world=32, attention_backend="varlen", distributed_optimizer=True)
+    for T, c, k in ((16384, 1, 28), (131072, 8, 0), (131072, 8, 32)):
+        assert got.memory(T, c, k) == ref.memory(T, c, k)
+    assert got.setup.memory_reserve_gib == TrainingSetup().memory_reserve_gib
+    sd = trainer_cost_model(m8, world=32, attention_backend="sdpa", bf16=False, fused_loss=False)
+    assert (sd.setup.attention_impl, sd.setup.activation_bytes, sd.setup.fused_loss) == ("math", 4, False)
+    # pipeline stage: 32 / 4 layers, world 32 = 4 stages x 8 DP x CP ranks
+    pp = trainer_cost_model(m8, world=32, pp=4, distributed_optimizer=True)
+    assert pp.model.num_layers == 8 and pp.dp_cp_ranks == 8
+    # 8B, 16K tokens per GPU: 28 recomputed layers leave the trainer's unfused path over an 80 GB H100
+    # (79.6 GiB), 31 fit; 128K over CP 8 needs every layer recomputed with varlen's expanded K/V
+    assert got.min_recompute_layers(16384, 1) == 31
+    assert got.memory(16384, 1, 28).total > 79.6 * GIB > got.memory(16384, 1, 31).total
+    assert got.min_recompute_layers(131072, 8) == 32
+
+
+def test_hardware_for_device():
+    assert hardware_for_device("NVIDIA H100 80GB HBM3", 85e9).name == "h100_sxm"
+    assert hardware_for_device("NVIDIA H200", 150e9).name == "h200"
+    hw = hardware_for_device("NVIDIA A100-SXM4-80GB", 85.1e9)
+    assert hw.name == "generic (NVIDIA A100-SXM4-80GB)" and hw.memory_bytes == pytest.approx(85.1e9)
+
+
+def _plan(groups, lengths):
+    from megatron_hbp.planner import PlanConfig, build_plan
+
+    return build_plan(
+        np.array(lengths), None, PlanConfig(groups=groups, world_size=2, micro_batches_per_step=1)
+    )
+
+
+def test_group_sum_sq_lengths_matches_packs():
+    from megatron_hbp.planner import GroupConfig
+
+    plan = _plan(
+        [GroupConfig(pack_length=64), GroupConfig(pack_length=256)], [10, 20, 30, 5, 60, 100, 150, 200, 7, 9]
+    )
+    want = np.zeros(2)
+    for st in plan:
+        for r in st.replicas:
+            for mb in r.micro_batches:
+                for pk in mb.packs:
+                    want[st.group] = max(want[st.group], float((pk.lengths.astype(np.int64) ** 2).sum()))
+    assert want.min() > 0
+    np.testing.assert_array_equal(group_sum_sq_lengths(plan), want)
+
+
+def test_check_memory_names_group_components_and_fix():
+    from megatron_hbp.planner import GroupConfig
+
+    plan = _plan(
+        [GroupConfig(pack_length=64), GroupConfig(pack_length=256, cp=2)],
+        [10, 20, 30, 50, 100, 150, 200, 210],
+    )
+    cm = _tiny_cm()
+    need = cm.memory(256, 2, 0).total
+    assert need > cm.memory(64, 1, 0).total
+    check_memory(cm, plan, need + 1)  # fits exactly: no error
+    with pytest.raises(TrainSetupError) as e:
+        check_memory(cm, plan, need - 1)
+    msg = str(e.value)
+    assert "out-of-memory risk: group 1 (pack_length=256 cp=2 recompute_layers=0)" in msg
+    assert f"needs {need / GIB:.2f} GiB" in msg and "activations" in msg and "cp_buffers" in msg
+    # 2 layers: recomputing 1 still re-materialises a full layer in backward, only both layers save
+    assert "recompute_layers >= 2 fits" in msg and "raise cp" in msg
 
 
 def test_launch_environment(monkeypatch):

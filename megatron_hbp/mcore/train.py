@@ -267,36 +267,145 @@ def _build_plan(cfg: TrainConfig, dp_size: int) -> None:
         print(f"[hbp] (plan report unavailable: {e})", flush=True)
 
 
-def estimate_memory_bytes(
+def trainer_cost_model(
     model_cfg: ModelConfig,
-    tokens_per_rank: int,
     *,
-    recompute_layers: int = 0,
+    world: int,
     tp: int = 1,
     pp: int = 1,
-    dp: int = 1,
     bf16: bool = True,
+    attention_backend: str = "varlen",
+    fused_loss: bool = True,
     distributed_optimizer: bool = False,
-) -> int:
-    """Coarse peak-memory estimate of one rank (a floor: framework overheads excluded).
+    rmsnorm_fused: bool = False,
+    hardware=None,
+    memory_reserve_gib: float | None = None,
+):
+    """The ``megatron_hbp.costmodel.CostModel`` of the run this trainer does (what the pre-flight
+    OOM check and ``tools/select_groups.py`` should agree on).
 
-    Weights (2 or 4 B/param), fp32 gradients (4), Adam states (8, + fp32 master 4 with bf16;
-    sharded over ``dp`` with the distributed optimizer), activations ~34·hidden bytes per
-    token and layer in bf16 (Korthikanti et al. with flash attention; x2 in fp32), 2·hidden
-    for a recomputed layer, and the logits (bf16 + an fp32 copy in the loss, or fp32 + grad).
+    Args:
+        model_cfg: the model; with ``pp > 1`` one pipeline stage is modelled (``ceil(L / pp)``
+            layers plus embedding and output layer: the bigger of the first and last stage).
+        world: processes in the job (tp x pp x DP x CP).
+        attention_backend: the *resolved* backend (``te``, ``varlen`` or ``sdpa``).
+        fused_loss: ``loss_impl`` resolved to ``fused`` (chunked linear + CE, no logits).
+        rmsnorm_fused: apex/TE RMSNorm in Megatron's local spec (else ``torch.nn.RMSNorm``).
+        hardware: ``HardwareProfile`` or profile name (memory() does not read it; it names the GPU).
+        memory_reserve_gib: ``TrainingSetup.memory_reserve_gib`` (None: the cost model's default).
+
+    The trainer's code paths (``megatron_hbp.mcore``): ``varlen`` repeats K/V to all heads before the
+    flash kernel (``attention_expand_kv``), ``te`` does not; ``sdpa`` is the math backend per
+    document (needs the packs' sum of squared lengths); RoPE is ``attention.apply_rope`` (unfused);
+    the MLP runs with ``bias_activation_fusion=False`` (unfused SwiGLU); CP > 1 steps go through
+    ``megatron_hbp.cp`` (``cp_impl="allgather"``); activations bf16 or fp32.
     """
-    p = model_cfg.num_parameters() / (tp * pp)
-    weights = p * (2 if bf16 else 4)
-    grads = p * 4
-    opt = p * (12 if bf16 else 8) / (dp if distributed_optimizer else 1)
-    layers = model_cfg.num_layers // pp
-    r = min(recompute_layers, layers)
-    act_bytes = 34 if bf16 else 68
-    act = (
-        tokens_per_rank * model_cfg.hidden_size * (act_bytes * (layers - r) / tp + 2 * r * (2 if bf16 else 4))
+    from dataclasses import replace as _replace
+
+    from megatron_hbp.costmodel import CostModel, TrainingSetup
+
+    layers = -(-model_cfg.num_layers // pp)
+    stage = model_cfg if pp == 1 else _replace(model_cfg, num_layers=layers)
+    kw = {} if memory_reserve_gib is None else {"memory_reserve_gib": memory_reserve_gib}
+    setup = TrainingSetup(
+        tensor_parallel=tp,
+        distributed_optimizer=distributed_optimizer,
+        fused_loss=fused_loss,
+        grad_bytes=4,  # main grads are fp32 (accumulate_allreduce_grads_in_fp32 with bf16; fp32 runs)
+        activation_bytes=2 if bf16 else 4,
+        attention_impl="math" if attention_backend == "sdpa" else "flash",
+        attention_expand_kv=attention_backend == "varlen",
+        rope_impl="unfused",
+        swiglu_impl="unfused",
+        rmsnorm_impl="fused" if rmsnorm_fused else "unfused",
+        cp_impl="allgather",
+        **kw,
     )
-    logits = tokens_per_rank * model_cfg.vocab_size / tp * (6 if bf16 else 8)
-    return int(weights + grads + opt + act + logits)
+    # num_gpus / tp must be the DP x CP ranks the distributed optimizer shards over
+    return CostModel(stage, hardware or "h100_sxm", num_gpus=world // pp, setup=setup)
+
+
+def group_sum_sq_lengths(plan) -> np.ndarray:
+    """``[G] float64``: per plan group, the largest sum of squared real document lengths of one pack
+    (what the math attention backend keeps per layer is proportional to it)."""
+    a = plan.arrays
+    po = np.asarray(a["pack_offsets"], dtype=np.int64)
+    lens = np.asarray(a["lengths"], dtype=np.float64)
+    per_pack = np.bincount(
+        np.repeat(np.arange(len(po) - 1), np.diff(po)), weights=lens**2, minlength=len(po) - 1
+    )
+    spo = np.asarray(a["step_pack_offsets"], dtype=np.int64)
+    pack_group = np.repeat(np.asarray(a["step_group"], dtype=np.int64), np.diff(spo))
+    out = np.zeros(len(plan.groups))
+    np.maximum.at(out, pack_group, per_pack[: len(pack_group)])
+    return out
+
+
+def hardware_for_device(device_name: str, limit_bytes: float):
+    """Cost-model hardware profile of a GPU called ``device_name`` (``torch.cuda.get_device_name``).
+
+    A known GPU (H100 / H200 in the CUDA device name) gets its profile; any other GPU, or no GPU
+    (``memory_limit_gb`` on CPU), gets a generic profile with the memory limit as its memory: its
+    throughput fields are placeholders that ``CostModel.memory`` never reads, and borrowing the
+    H100's would print an H100 banner (and H100 speeds to anyone reusing the model) for a GPU it is
+    not."""
+    from megatron_hbp.costmodel.hardware import HardwareProfile, load_hardware
+
+    name = device_name
+    for key, profile in (("H100", "h100_sxm"), ("H200", "h200")):
+        if key in name.upper():
+            return load_hardware(profile)
+    return HardwareProfile(
+        name=f"generic ({name})",
+        bf16_dense_tflops=1.0,
+        hbm_gb_per_s=1.0,
+        memory_gib=limit_bytes / 2**30,
+        nvlink_gb_per_s=1.0,
+        internode_gb_per_s=1.0,
+    )
+
+
+def _rmsnorm_fused() -> bool:
+    """Megatron's local layer spec uses apex FusedLayerNorm when apex is importable, else torch's."""
+    try:
+        from megatron.core.models.gpt import gpt_layer_specs
+
+        return bool(getattr(gpt_layer_specs, "HAVE_APEX", False))
+    except Exception:  # no megatron: the unfused norm keeps more, the safer estimate
+        return False
+
+
+def check_memory(cm, plan, limit_bytes: float, *, pp: int = 1) -> None:
+    """Raise ``TrainSetupError`` when a group's largest pack per rank (``pack_length / cp`` tokens,
+    the group's recompute layers) needs more than ``limit_bytes`` by ``cm.memory``."""
+    sq = group_sum_sq_lengths(plan) if cm.setup.attention_impl == "math" else None
+    L = cm.model.num_layers
+    for i, g in enumerate(plan.groups):
+        k = min(int(g.recompute_layers), L)
+        math_cp = cm.setup.attention_impl == "math" and g.cp > 1
+        # CP > 1 steps never run the math backend: megatron_hbp.cp's own kernels (modelled as flash)
+        gcm = cm.with_setup(attention_impl="flash", attention_expand_kv=True) if math_cp else cm
+        s = None if gcm.setup.attention_impl != "math" else float(sq[i])
+        m = gcm.memory(g.pack_length, g.cp, k, sum_sq_lengths=s)
+        if m.total > limit_bytes:
+            comps = ", ".join(
+                f"{n} {getattr(m, n) / 2**30:.2f}"
+                for n in ("weights", "gradients", "optimizer", "activations", "loss", "cp_buffers", "reserve")
+            )
+            k_fit = gcm.min_recompute_layers(g.pack_length, g.cp, limit_bytes, sum_sq_lengths=s)
+            hint = (
+                f"recompute_layers >= {k_fit} fits"
+                if k_fit is not None
+                else "even recomputing every layer does not fit"
+            )
+            raise TrainSetupError(
+                f"out-of-memory risk: group {i} (pack_length={g.pack_length} cp={g.cp} recompute_layers="
+                f"{g.recompute_layers}) puts {g.pack_length // g.cp} tokens on a rank; model '{cm.model.name}'"
+                f"{f' (one of {pp} pipeline stages)' if pp > 1 else ''} then needs {m.total / 2**30:.2f} GiB "
+                f"by the cost model ({comps} GiB) but the device has {limit_bytes / 2**30:.2f} GiB "
+                f"({cm.hardware.name}). {hint}; raise cp or recompute_layers for that group, lower its "
+                "pack_length, or raise tp (memory_limit_gb overrides the device memory)"
+            )
 
 
 def _device_memory_limit(cfg: TrainConfig) -> float | None:
@@ -393,19 +502,26 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
 
     limit = _device_memory_limit(cfg)
     if limit is not None:
+        from megatron_hbp.mcore.attention import select_backend
+        from megatron_hbp.mcore.loss import resolve_loss_impl
+
         bf16 = _use_bf16(cfg)
-        for g in plan.groups:
-            need = estimate_memory_bytes(
-                model_cfg, g.pack_length // g.cp, recompute_layers=g.recompute_layers, tp=tp, pp=pp, dp=dp_size,
-                bf16=bf16, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-            )  # fmt: skip
-            if need > limit:
-                raise TrainSetupError(
-                    f"out-of-memory risk: group pack_length={g.pack_length} cp={g.cp} recompute_layers="
-                    f"{g.recompute_layers} puts {g.pack_length // g.cp} tokens on a rank; model '{model_cfg.name}' "
-                    f"then needs at least {need / 1e9:.1f} GB but the device has {limit / 1e9:.1f} GB. Raise cp or "
-                    "recompute_layers for that group, lower its pack_length, or raise tp"
-                )
+        on_cuda = torch.cuda.is_available()
+        try:
+            backend = select_backend(cfg.attention_backend, dtype=torch.bfloat16 if bf16 else torch.float32)
+        except ValueError as e:
+            raise TrainSetupError(str(e)) from None
+        cm = trainer_cost_model(
+            model_cfg, world=world, tp=tp, pp=pp, bf16=bf16, attention_backend=backend,
+            fused_loss=resolve_loss_impl(cfg.loss_impl, cfg.loss_normalization) == "fused",
+            distributed_optimizer=cfg.optimizer.use_distributed_optimizer, rmsnorm_fused=_rmsnorm_fused(),
+            hardware=hardware_for_device(
+                torch.cuda.get_device_name(torch.cuda.current_device()) if on_cuda else "cpu", limit
+            ),
+            # the reserve is CUDA context, NCCL buffers and allocator fragmentation: none on CPU
+            memory_reserve_gib=None if on_cuda else 0.0,
+        )  # fmt: skip
+        check_memory(cm, plan, limit, pp=pp)
     return Prepared(model_cfg, info, plan, dp_size)
 
 
