@@ -197,3 +197,18 @@ def test_launch_environment(monkeypatch):
     for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
         monkeypatch.delenv(k)
     assert dist_env() == (0, 1, 0)
+
+
+def test_describe_prints_cp_impl_and_changed_knobs():
+    from megatron_hbp.costmodel import CostModel
+    from megatron_hbp.costmodel.cli import describe
+
+    plain = describe(CostModel("tiny"))
+    assert "CP ring; other setup at defaults" in plain
+    trainer = describe(_tiny_cm())
+    assert "CP allgather; non-default setup: memory_reserve_gib" not in trainer  # reserve printed on its own
+    assert trainer.endswith(
+        "CP allgather; non-default setup: attention_expand_kv=True, rope_impl=unfused, swiglu_impl=unfused, "
+        "rmsnorm_impl=unfused"
+    ), trainer
+    assert "reserve 0.0 GiB" in trainer and "distributed optimizer False" in trainer

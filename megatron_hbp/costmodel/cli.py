@@ -104,15 +104,29 @@ def build_cost_model(a: argparse.Namespace) -> CostModel:
     )
 
 
+# Printed by describe() in its own words; every other TrainingSetup field is listed when changed.
+_DESCRIBED_SETUP = ("tensor_parallel", "memory_reserve_gib", "fused_loss", "distributed_optimizer", "cp_impl")
+
+
 def describe(cm: CostModel) -> str:
+    """One-line banner: model, GPUs, efficiencies, memory options, ``cp_impl`` and every other
+    implementation knob of ``TrainingSetup`` that is not at its default (``name=value``)."""
     e, s, hw = cm.efficiency, cm.setup, cm.hardware
+    default = TrainingSetup()
+    changed = [
+        f"{f.name}={getattr(s, f.name)}"
+        for f in dataclasses.fields(TrainingSetup)
+        if f.name not in _DESCRIBED_SETUP and getattr(s, f.name) != getattr(default, f.name)
+    ]
     return (
         f"model {cm.model.name} ({cm.model.num_parameters() / 1e9:.2f}B), {cm.num_gpus} x {hw.name} "
         f"({cm.gpus_per_node}/node, {hw.memory_gib} GiB), TP {s.tensor_parallel}; efficiency: dense {e.dense_mfu}, "
         f"attention {e.attention_mfu}, HBM {e.hbm_efficiency}, NVLink {e.nvlink_efficiency}, "
         f"network {e.network_efficiency}, CP compute {e.cp_compute_efficiency}, "
         f"overhead {e.microbatch_overhead_s * 1e3:g} ms/micro-batch; "
-        f"reserve {s.memory_reserve_gib} GiB, fused loss {s.fused_loss}, distributed optimizer {s.distributed_optimizer}"
+        f"reserve {s.memory_reserve_gib} GiB, fused loss {s.fused_loss}, distributed optimizer {s.distributed_optimizer}, "
+        f"CP {s.cp_impl}; "
+        + (f"non-default setup: {', '.join(changed)}" if changed else "other setup at defaults")
     )
 
 
