@@ -234,7 +234,7 @@ def test_tensor_parallel_2_matches_single(work):
         ("missing_file", "does not exist"),
         ("changed_data", "changed"),
         ("unknown_preset", "unknown model preset 'no_such_model'"),
-        ("oom", "out-of-memory risk"),
+        ("oom", "out-of-memory risk: group 0 (pack_length="),
         ("no_sample_info", "sample info file not found"),
         ("checkpoint_other_plan", "was saved with a different plan"),
         ("lengths_plan_fewer_samples", "plan was built for 40 samples"),
