@@ -163,6 +163,22 @@ def test_check_memory_names_group_components_and_fix():
     # 2 layers: recomputing 1 still re-materialises a full layer in backward, only both layers save
     assert "recompute_layers >= 2 fits" in msg and "raise cp" in msg
 
+    # Over the limit only through the reserve: a warning, not an error.
+    reserve = 2**30
+    cm_r = _tiny_cm(memory_reserve_gib=1.0)
+    need_r = cm_r.memory(256, 2, 0).total
+    assert need_r == need + reserve
+    assert check_memory(cm_r, plan, need_r + 1) == []
+    warnings = check_memory(cm_r, plan, need_r - reserve + 1)
+    # both groups only exceed through the 1 GiB reserve (group 0 needs less than group 1)
+    assert [w.split(" (")[0] for w in warnings] == [
+        "out-of-memory risk: group 0",
+        "out-of-memory risk: group 1",
+    ]
+    assert all("warning only" in w for w in warnings)
+    with pytest.raises(TrainSetupError):
+        check_memory(cm_r, plan, need_r - reserve - 1)
+
 
 def test_launch_environment(monkeypatch):
     from megatron_hbp.mcore.train import TrainSetupError, dist_env

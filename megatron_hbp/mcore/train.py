@@ -375,9 +375,15 @@ def _rmsnorm_fused() -> bool:
         return False
 
 
-def check_memory(cm, plan, limit_bytes: float, *, pp: int = 1) -> None:
-    """Raise ``TrainSetupError`` when a group's largest pack per rank (``pack_length / cp`` tokens,
-    the group's recompute layers) needs more than ``limit_bytes`` by ``cm.memory``."""
+def check_memory(cm, plan, limit_bytes: float, *, pp: int = 1) -> list[str]:
+    """Check every group's largest pack per rank (``pack_length / cp`` tokens, the group's
+    recompute layers) against ``limit_bytes`` with ``cm.memory``.
+
+    Raises ``TrainSetupError`` when the modelled tensors alone (everything but the reserve for
+    CUDA context, NCCL buffers and fragmentation) exceed the limit: an obvious OOM. When only the
+    reserve tips it over, returns the same message as a warning: the reserve is an estimate
+    (calibrated on the paper's TE path), so a borderline group is the user's call."""
+    warnings: list[str] = []
     sq = group_sum_sq_lengths(plan) if cm.setup.attention_impl == "math" else None
     L = cm.model.num_layers
     for i, g in enumerate(plan.groups):
@@ -398,7 +404,7 @@ def check_memory(cm, plan, limit_bytes: float, *, pp: int = 1) -> None:
                 if k_fit is not None
                 else "even recomputing every layer does not fit"
             )
-            raise TrainSetupError(
+            msg = (
                 f"out-of-memory risk: group {i} (pack_length={g.pack_length} cp={g.cp} recompute_layers="
                 f"{g.recompute_layers}) puts {g.pack_length // g.cp} tokens on a rank; model '{cm.model.name}'"
                 f"{f' (one of {pp} pipeline stages)' if pp > 1 else ''} then needs {m.total / 2**30:.2f} GiB "
@@ -406,6 +412,10 @@ def check_memory(cm, plan, limit_bytes: float, *, pp: int = 1) -> None:
                 f"({cm.hardware.name}). {hint}; raise cp or recompute_layers for that group, lower its "
                 "pack_length, or raise tp (memory_limit_gb overrides the device memory)"
             )
+            if m.total - m.reserve > limit_bytes:
+                raise TrainSetupError(msg)
+            warnings.append(msg + f" [warning only: it fits without the {m.reserve / 2**30:.1f} GiB reserve]")
+    return warnings
 
 
 def _device_memory_limit(cfg: TrainConfig) -> float | None:
@@ -521,7 +531,9 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
             # the reserve is CUDA context, NCCL buffers and allocator fragmentation: none on CPU
             memory_reserve_gib=None if on_cuda else 0.0,
         )  # fmt: skip
-        check_memory(cm, plan, limit, pp=pp)
+        for warning in check_memory(cm, plan, limit, pp=pp):
+            if rank == 0:
+                print(f"[hbp] WARNING {warning}", flush=True)
     return Prepared(model_cfg, info, plan, dp_size)
 
 
