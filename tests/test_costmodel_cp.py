@@ -24,37 +24,12 @@ import pytest
 import torch
 
 from megatron_hbp.configio import ConfigError
-from megatron_hbp.costmodel import CostModel, Efficiency, HardwareProfile, TrainingSetup
+from megatron_hbp.costmodel import CostModel, TrainingSetup
 from megatron_hbp.cp import cp_attention_local, cp_comm_bytes
 from megatron_hbp.model_config import ModelConfig
 
-MINI = ModelConfig(
-    name="mini",
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=176,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=1000,
-)
-UNIT_GPU = HardwareProfile(
-    name="unit",
-    bf16_dense_tflops=0.93696,
-    hbm_gb_per_s=26.4576,
-    memory_gib=1.0,
-    nvlink_gb_per_s=1.0,
-    internode_gb_per_s=0.5,
-    gpus_per_node=8,
-)
-UNIT_EFF = Efficiency(
-    dense_mfu=1.0,
-    attention_mfu=1.0,
-    hbm_efficiency=1.0,
-    nvlink_efficiency=1.0,
-    network_efficiency=1.0,
-    microbatch_overhead_s=0.0,
-    cp_compute_efficiency=1.0,
-)
+# The round-number model, GPU and efficiencies of the hand-computed cost-model tests.
+from tests.test_costmodel import MINI, UNIT_EFF, UNIT_GPU  # noqa: E402
 
 
 def mini(cp_impl="ring", num_gpus=8, **setup):
