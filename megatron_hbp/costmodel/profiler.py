@@ -25,6 +25,7 @@ import numpy as np
 
 from megatron_hbp.costmodel.attention import zigzag_attention_pairs
 from megatron_hbp.costmodel.model import CostModel, Efficiency
+from megatron_hbp.planner.packing import cp_padded
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,6 @@ def _pack_offsets(packs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
-def padded(lengths: np.ndarray, cp: int) -> np.ndarray:
-    """Lengths rounded up to a multiple of 2 cp (unchanged for cp = 1)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if cp == 1:
-        return lengths
-    m = 2 * cp
-    return -(-lengths // m) * m
-
-
 class AnalyticProfiler(Profiler):
     """The cost model as a profiler (no GPU)."""
 
@@ -101,7 +93,7 @@ class AnalyticProfiler(Profiler):
 
     def profile(self, packs, pack_length, cp, recompute_layers):
         flat, offsets = _pack_offsets(packs)
-        pad = padded(flat, cp)
+        pad = cp_padded(flat, cp)
         pack_tokens = np.add.reduceat(pad, offsets[:-1]) if flat.size else np.zeros(len(packs))
         pack_tokens = np.where(np.diff(offsets) > 0, pack_tokens, 0)
         pairs = zigzag_attention_pairs(flat, offsets, cp)
@@ -152,7 +144,7 @@ class CalibrationReport:
 
 def _features(cost_model: CostModel, point: CalibrationPoint) -> np.ndarray:
     flat, offsets = _pack_offsets(point.packs)
-    pad = padded(flat, point.cp)
+    pad = cp_padded(flat, point.cp)
     pack_tokens = np.add.reduceat(pad, offsets[:-1]) if flat.size else np.zeros(len(point.packs))
     pack_tokens = np.where(np.diff(offsets) > 0, pack_tokens, 0)
     pairs = zigzag_attention_pairs(flat, offsets, point.cp)

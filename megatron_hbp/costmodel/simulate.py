@@ -29,6 +29,7 @@ from megatron_hbp.costmodel.attention import zigzag_attention_pairs, zigzag_doc_
 from megatron_hbp.costmodel.dynamic_cp import schedule_step
 from megatron_hbp.costmodel.model import CostModel
 from megatron_hbp.planner.config import GroupConfig, PlanConfig
+from megatron_hbp.planner.packing import cp_padded
 
 
 @dataclass
@@ -70,12 +71,6 @@ class SimResult:
         return self.tokens / (self.epoch_s * self.num_gpus) if self.epoch_s > 0 else 0.0
 
 
-def _cp_padded(lengths: np.ndarray, cp: np.ndarray | int) -> np.ndarray:
-    cp = np.asarray(cp, dtype=np.int64)
-    m = np.where(cp > 1, 2 * cp, 1)
-    return -(-lengths // m) * m
-
-
 def pack_times(
     cost_model: CostModel, lengths: np.ndarray, pack_offsets: np.ndarray, cp: int, recompute_layers: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +79,7 @@ def pack_times(
     ``lengths``: real document lengths of all packs concatenated; ``pack_offsets``: [P+1]."""
     lengths = np.asarray(lengths, dtype=np.int64)
     offsets = np.asarray(pack_offsets, dtype=np.int64)
-    pad = _cp_padded(lengths, cp)
+    pad = cp_padded(lengths, cp)
     csum = np.concatenate([[0], np.cumsum(pad)])
     tokens = csum[offsets[1:]] - csum[offsets[:-1]]
     pairs = zigzag_attention_pairs(lengths, offsets, cp)
@@ -253,7 +248,9 @@ def simulate_dynamic_cp(
             packed_slots = (keys, pc + overhead, pm)
             continue
         ul, inv = np.unique(length[sel], return_inverse=True)
-        uc, um = cost_model.microbatch_breakdown(_cp_padded(ul, c), zigzag_doc_pairs(ul, int(c)), int(c), k)
+        uc, um = cost_model.microbatch_breakdown(
+            cp_padded(ul, int(c)), zigzag_doc_pairs(ul, int(c)), int(c), k
+        )
         comp[sel] = uc[inv] + overhead
         comm[sel] = um[inv]
     slot_comp = np.bincount(slot, comp, minlength=G * W)
