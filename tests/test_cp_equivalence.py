@@ -15,9 +15,7 @@ Both runs go through the trainer's public ``megatron_hbp.mcore.train.run`` (work
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +25,7 @@ import pytest
 import yaml
 
 from megatron_hbp.configio import to_dict
+from tests.test_train_dist import _launch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "test_cp_equivalence_worker.py"
@@ -98,15 +97,6 @@ def single_process_copy(plan):
         config=one, arrays=arrays, num_samples=plan.num_samples, fingerprint=plan.fingerprint,
         lengths_sha256=plan.lengths_sha256,
     )  # fmt: skip
-
-
-def _launch(args: list[str], timeout: int = 600) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
 
 
 @pytest.fixture(scope="module")
