@@ -82,3 +82,30 @@ def test_training_path_holds_grad_buffer_and_adam_moments_on_cpu():
     assert TINY_PARAMS <= r["grad_numel"] <= TINY_PARAMS * 1.01 and r["grad_dtypes"] == ["torch.float32"]
     # ... and both fp32 Adam moments of every parameter: 16 B/param here, 18 B/param in bf16 on a GPU
     assert r["moment_numel"] == 2 * TINY_PARAMS and r["moment_dtypes"] == ["torch.float32"]
+
+
+@pytest.mark.slow
+def test_bench_recompute_cpu_smoke_measures_the_grid(tmp_path):
+    """tools/bench_recompute_gpu.py on CPU: the whole calibration grid is measured through
+    MeasuredProfiler(device="cpu") (real iterations), each row with the tokens of its packs."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_recompute_gpu.py", "--cpu-smoke", "--iterations", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    rows = r["rows"]
+    # 2 pack lengths x {0, half, all} of the tiny preset's 2 layers
+    assert [(x["pack_length"], x["recompute_layers"]) for x in rows] == [
+        (256, 0), (256, 1), (256, 2), (512, 0), (512, 1), (512, 2),
+    ]  # fmt: skip
+    for x in rows:
+        assert 0 < x["tokens"] <= x["packs"] * x["pack_length"]
+        assert x["docs"] >= x["packs"] and x["time_s"] > 0
+        assert np.isnan(x["peak_gib"])  # no device memory counter on CPU
+        assert x["modelled_gib"] > 0
+    # the same packs per pack length whatever the recompute setting
+    assert len({(x["tokens"], x["docs"]) for x in rows if x["pack_length"] == 512}) == 1
+    assert "recompute trade-off at 512 tokens/pack" in proc.stdout

@@ -129,6 +129,8 @@ def main(argv=None) -> int:
         )
     )
     if backend == "varlen":
+        # the baseline once more: the spread of the two baseline rows is the timing noise
+        rows.append(("varlen (baseline, again)", _time(fwd_bwd(base), args.iters, device)))
         with torch.no_grad():
             diff = (base() - cp_attention(q, k, v, cu, cu, None, backend=backend)).abs().max().item()
         print(f"max |cp_attention c=1 - varlen| = {diff:.3e}")

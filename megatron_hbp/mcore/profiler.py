@@ -17,6 +17,7 @@ it like ``AnalyticProfiler``. One GPU, CP 1 only (CP > 1 needs a CP group of sev
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import torch
@@ -34,7 +35,12 @@ class MeasuredProfiler(Profiler):
         warmup: untimed iterations first (the first also allocates the Adam moments).
         memory_budget_bytes: defaults to the GPU's total memory.
         attention_backend: passed to ``megatron_hbp.mcore.model.build_model``.
+        loss_impl: ``auto`` / ``fused`` / ``megatron``, resolved as training resolves it
+            (``megatron_hbp.mcore.loss.resolve_loss_impl``: ``auto`` is the fused loss on CUDA), so
+            the peak memory holds the logits only where training would.
         seed: model initialisation and token ids.
+        device: ``"cuda"``; ``"cpu"`` only runs the same iterations as a smoke test of the path
+            (fp32, host-clock times, ``peak_memory_bytes`` and the budget NaN).
 
     ``profile`` returns ``time_s``: median seconds of forward + backward over all packs
     (gradient reduction included, the optimizer step excluded); ``peak_memory_bytes``:
@@ -49,7 +55,9 @@ class MeasuredProfiler(Profiler):
         warmup: int = 1,
         memory_budget_bytes: float | None = None,
         attention_backend: str = "auto",
+        loss_impl: str = "auto",
         seed: int = 0,
+        device: str = "cuda",
     ):
         self.model_cfg = load_model_config(model) if isinstance(model, str) else model
         self.num_layers = self.model_cfg.num_layers
@@ -57,6 +65,10 @@ class MeasuredProfiler(Profiler):
         if self.iterations < 1 or self.warmup < 0:
             raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations} and {warmup}")
         self.attention_backend = attention_backend
+        self.loss_impl = loss_impl
+        self.device = device
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
         self._budget = memory_budget_bytes
         self._model = None
         self._optimizer = None
@@ -64,6 +76,8 @@ class MeasuredProfiler(Profiler):
 
     @property
     def memory_budget_bytes(self) -> float:
+        if self._budget is None and self.device == "cpu":
+            return float("nan")
         if self._budget is None:
             self._require_cuda()
             self._budget = float(torch.cuda.get_device_properties(0).total_memory)
@@ -121,13 +135,14 @@ class MeasuredProfiler(Profiler):
         """One step's forward + backward over ``inputs`` (one micro-batch each), as training runs it."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from megatron_hbp.mcore.loss import forward_step
+        from megatron_hbp.mcore.loss import forward_step, resolve_loss_impl
 
+        impl = resolve_loss_impl(self.loss_impl, "step_token_mean")
         model, optimizer = self._model, self._optimizer
         model.zero_grad_buffer()
         optimizer.zero_grad()
         return get_forward_backward_func()(
-            forward_step_func=functools.partial(forward_step, impl="megatron"),
+            forward_step_func=functools.partial(forward_step, impl=impl),
             data_iterator=iter(inputs),
             model=[model],
             num_microbatches=len(inputs),
@@ -137,7 +152,9 @@ class MeasuredProfiler(Profiler):
         )
 
     def profile(self, packs, pack_length, cp, recompute_layers):
-        self._require_cuda()
+        on_cuda = self.device == "cuda"
+        if on_cuda:
+            self._require_cuda()
         if cp != 1:
             raise NotImplementedError(
                 "MeasuredProfiler runs on one GPU: cp > 1 needs a CP group of several GPUs "
@@ -147,22 +164,29 @@ class MeasuredProfiler(Profiler):
             raise ValueError("profile needs at least one pack")
         from megatron_hbp.mcore.model import set_recompute
 
-        model, optimizer = self.setup()
+        model, optimizer = self.setup() if on_cuda else self.setup("cpu", torch.float32)
         set_recompute(model, int(recompute_layers))
         inputs = self.make_inputs(packs)
         times = []
         for it in range(self.warmup + self.iterations):
-            if it == self.warmup:  # steady state: Adam moments exist from the warm-up step on
+            if it == self.warmup and on_cuda:  # steady state: Adam moments exist from the warm-up step on
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.forward_backward(inputs)
-            end.record()
-            optimizer.step()  # outside the timed region, inside the peak-memory window
-            torch.cuda.synchronize()
+            if on_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self.forward_backward(inputs)
+                end.record()
+                optimizer.step()  # outside the timed region, inside the peak-memory window
+                torch.cuda.synchronize()
+                elapsed = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                self.forward_backward(inputs)
+                elapsed = time.perf_counter() - t0
+                optimizer.step()
             if it >= self.warmup:
-                times.append(start.elapsed_time(end) / 1e3)
+                times.append(elapsed)
         tokens = float(sum(int(np.sum(p)) for p in packs))
         return ProfileResult(
             pack_length=int(pack_length),
@@ -171,6 +195,6 @@ class MeasuredProfiler(Profiler):
             num_packs=len(packs),
             tokens_per_gpu=tokens,
             time_s=float(np.median(times)),
-            peak_memory_bytes=float(torch.cuda.max_memory_allocated()),
+            peak_memory_bytes=float(torch.cuda.max_memory_allocated()) if on_cuda else float("nan"),
             memory_budget_bytes=self.memory_budget_bytes,
         )
