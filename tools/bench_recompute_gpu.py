@@ -25,6 +25,7 @@ packs on CPU (times from the host clock, no memory numbers). Prints tables, neve
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="tulu3_longcite", help="planner.synth length mix for the packs")
     p.add_argument("--iterations", type=int, default=3, help="timed iterations per setting (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per setting")
+    p.add_argument(
+        "--extra-recompute", default="4,12", help="more recomputed-layer counts at the longest pack length"
+    )
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--json", default="runs/bench_recompute.json", help="output file")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 256/512 packs, fp32, on CPU")
@@ -77,9 +81,19 @@ def main(argv=None) -> int:
         backend = a.attention_backend
     model_cfg = load_model_config(model)
     lengths = synth_lengths(a.data, seed=0, scale=0.01)
-    settings = calibration_settings(
+    grid = calibration_settings(
         lengths, model_cfg.num_layers, pack_lengths=lengths_cfg, tokens_per_setting=tokens, seed=0
     )
+    # per pack length the grid's {0, L/2, L} recomputed layers (plus --extra-recompute at the
+    # longest), most recomputed first: a setting that does not fit (OOM) then comes last
+    extra = [] if a.cpu_smoke else [int(x) for x in a.extra_recompute.split(",") if x]
+    settings = []
+    for length in lengths_cfg:
+        packs = next(s[0] for s in grid if s[1] == length)
+        ks = {s[3] for s in grid if s[1] == length}
+        if length == max(lengths_cfg):
+            ks |= {k for k in extra if 0 <= k <= model_cfg.num_layers}
+        settings += [(packs, length, 1, k) for k in sorted(ks, reverse=True)]
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     prof = MeasuredProfiler(
         model_cfg, iterations=a.iterations, warmup=a.warmup, attention_backend=backend, device=device
@@ -115,30 +129,47 @@ def main(argv=None) -> int:
     rows, points = [], []
     t0 = time.perf_counter()
     for packs, length, cp, k in settings:
-        r = prof.profile(packs, length, cp, k)
-        points.append(
-            CalibrationPoint(packs=packs, pack_length=length, cp=cp, recompute_layers=k, time_s=r.time_s)
-        )
+        oom = None
+        try:
+            r = prof.profile(packs, length, cp, k)
+        except torch.cuda.OutOfMemoryError as e:  # reported as a row, the grid goes on
+            oom = str(e).splitlines()[0][:200]
+        if oom is not None:
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            points.append(
+                CalibrationPoint(packs=packs, pack_length=length, cp=cp, recompute_layers=k, time_s=r.time_s)
+            )
         pack_tokens = max(int(np.sum(x)) for x in packs)
         sum_sq = max(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in packs)
         mem = cm.memory(pack_tokens, 1, k, sum_sq_lengths=sum_sq)
         modelled = mem.total - mem.reserve
+        tok = float(sum(int(np.sum(x)) for x in packs))
+        nan = float("nan")
         rows.append(
             {
                 "pack_length": length,
                 "recompute_layers": k,
                 "packs": len(packs),
                 "docs": int(sum(len(x) for x in packs)),
-                "tokens": int(r.tokens_per_gpu),
-                "time_s": r.time_s,
-                "tokens_per_s": r.tokens_per_gpu / r.time_s,
-                "peak_gib": r.peak_memory_bytes / GIB,
+                "tokens": int(tok),
+                "oom": oom,
+                "time_s": nan if oom else r.time_s,
+                "tokens_per_s": nan if oom else tok / r.time_s,
+                "peak_gib": nan if oom else r.peak_memory_bytes / GIB,
                 "modelled_gib": modelled / GIB,
                 "modelled_activations_gib": mem.activations / GIB,
                 "analytic_time_s": analytic.profile(packs, length, cp, k).time_s,
             }
         )
         x = rows[-1]
+        if oom:
+            print(
+                f"[recompute] {length:>6} tokens/pack, {k:>2} recomputed: OUT OF MEMORY ({oom})", flush=True
+            )
+            continue
         print(
             f"[recompute] {length:>6} tokens/pack, {k:>2} recomputed: {x['time_s'] * 1e3:8.1f} ms, "
             f"peak {x['peak_gib']:.2f} GiB (modelled {x['modelled_gib']:.2f})  [{time.perf_counter() - t0:.0f} s]",
@@ -155,21 +186,34 @@ def main(argv=None) -> int:
     for x in rows:
         print(
             f"| {x['pack_length']} | {x['recompute_layers']} | {x['packs']} | {x['docs']} | {x['tokens']} | "
-            f"{x['time_s'] * 1e3:.1f} | {x['tokens_per_s']:.0f} | {x['peak_gib']:.2f} | {x['modelled_gib']:.2f} | "
-            f"{x['analytic_time_s'] * 1e3:.1f} |"
+            + (
+                "OOM | — | OOM"
+                if x["oom"]
+                else f"{x['time_s'] * 1e3:.1f} | {x['tokens_per_s']:.0f} | {x['peak_gib']:.2f}"
+            )
+            + f" | {x['modelled_gib']:.2f} | {x['analytic_time_s'] * 1e3:.1f} |"
         )
     longest = max(lengths_cfg)
-    base = next(x for x in rows if x["pack_length"] == longest and x["recompute_layers"] == 0)
-    print(f"\nrecompute trade-off at {longest} tokens/pack (relative to 0 layers recomputed)")
+    fitting = [x for x in rows if x["pack_length"] == longest and not x["oom"]]
+    base = min(fitting, key=lambda x: x["recompute_layers"]) if fitting else rows[-1]
+    print(
+        f"\nrecompute trade-off at {longest} tokens/pack (relative to {base['recompute_layers']} "
+        f"layers recomputed, the fewest that fit)"
+    )
     print("| recomputed layers | time | time × | peak GiB | peak − base (GiB) | activations modelled (GiB) |")
     print("|---|---|---|---|---|---|")
     for x in rows:
-        if x["pack_length"] == longest:
+        if x["pack_length"] == longest and x["oom"]:
+            print(f"| {x['recompute_layers']} | OOM | — | OOM | — | {x['modelled_activations_gib']:.2f} |")
+        elif x["pack_length"] == longest:
             print(
                 f"| {x['recompute_layers']} | {x['time_s'] * 1e3:.1f} ms | {x['time_s'] / base['time_s']:.3f} | "
                 f"{x['peak_gib']:.2f} | {x['peak_gib'] - base['peak_gib']:+.2f} | {x['modelled_activations_gib']:.2f} |"
             )
 
+    if not points:
+        print("nothing fitted in memory: no calibration")
+        return 1
     report = calibrate(cm_time, points)
     eff = report.efficiency
     result = {
