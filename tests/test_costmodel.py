@@ -413,3 +413,31 @@ def test_calibration_grid_and_holdout_with_a_stand_in_measurement():
     rep, held = holdout_calibration(CostModel("llama_1b", "h100_sxm", num_gpus=1), points)
     assert rep.efficiency.dense_mfu == pytest.approx(0.5, rel=1e-6)
     assert np.abs(held).max() < 1e-9
+
+
+def test_calibration_keeps_terms_the_points_cannot_separate():
+    """Packs of short documents: attention is a few % of every time. Its efficiency keeps the
+    model's value (under ``min_share``) while dense MFU and overhead are fitted exactly; forced to
+    fit it anyway (``min_share=0``), no coefficient comes out non-physical (efficiency > 1 or a
+    negative overhead), whatever the noise does."""
+    truth = Efficiency(dense_mfu=0.33, attention_mfu=0.4, microbatch_overhead_s=0.01)
+    cm_true = CostModel("llama_1b", "h100_sxm", num_gpus=1, efficiency=truth)
+    rng = np.random.default_rng(1)
+    points = []
+    for length, k in [(4096, 0), (4096, 16), (8192, 8), (16384, 0), (16384, 16), (32768, 8)]:
+        packs = [rng.integers(64, 1500, length // 1024) for _ in range(32768 // length)]
+        t = AnalyticProfiler(cm_true).profile(packs, length, 1, k).time_s
+        points.append(CalibrationPoint(packs=packs, pack_length=length, cp=1, recompute_layers=k, time_s=t))
+    start = CostModel("llama_1b", "h100_sxm", num_gpus=1, efficiency=Efficiency(attention_mfu=0.4))
+    rep = calibrate(start, points)
+    assert rep.efficiency.attention_mfu == 0.4  # not fitted: kept
+    assert rep.efficiency.dense_mfu == pytest.approx(0.33, rel=1e-6)
+    assert rep.efficiency.microbatch_overhead_s == pytest.approx(0.01, rel=1e-6)
+    for sign in (1, -1):
+        noisy = [
+            CalibrationPoint(**{**p.__dict__, "time_s": p.time_s * (1 + sign * 0.03 * (-1) ** i)})
+            for i, p in enumerate(points)
+        ]
+        e = calibrate(start, noisy, min_share=0.0).efficiency
+        assert 0 < e.dense_mfu <= 1 and 0 < e.attention_mfu <= 1 and e.microbatch_overhead_s >= 0
+        assert e.dense_mfu < 1 and e.attention_mfu < 1  # no coefficient was clipped at 1

@@ -54,7 +54,7 @@ def reference_attention(q, k, v, cu_padded, cu_real, scale=None):
             kd = k[start : start + real].repeat_interleave(rep, 1)
             vd = v[start : start + real].repeat_interleave(rep, 1)
             scores = torch.einsum("qhd,khd->hqk", qd, kd) * scale
-            causal = torch.ones(real, real, dtype=torch.bool).tril()
+            causal = torch.ones(real, real, dtype=torch.bool, device=q.device).tril()
             probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
             pieces.append(torch.einsum("hqk,khd->qhd", probs, vd))
         pieces.append(q.new_zeros((span - real, q.shape[1], q.shape[2])))

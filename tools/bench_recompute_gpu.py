@@ -40,6 +40,53 @@ def _hardware_name(device_name: str) -> str:
     return "h200" if "H200" in device_name else "h100_sxm"
 
 
+def refit(paths: list[str]) -> int:
+    """Fit the cost model to the fitting rows of earlier runs (their ``pack_docs``); no GPU."""
+    from megatron_hbp.costmodel import CalibrationPoint
+    from megatron_hbp.costmodel.profiler import calibrate
+    from megatron_hbp.mcore.train import trainer_cost_model
+    from megatron_hbp.model_config import load_model_config
+
+    runs = [json.loads(Path(x).read_text()) for x in paths]
+    keys = {(r["model"], r["device"], r["attention_backend"]) for r in runs}
+    if len(keys) != 1:
+        raise SystemExit(
+            f"--refit: the files mix models/devices/backends {sorted(keys)}; fit them separately"
+        )
+    model, device_name, backend = keys.pop()
+    cm = trainer_cost_model(
+        load_model_config(model), world=1, attention_backend=backend, hardware=_hardware_name(device_name)
+    )
+    points, skipped = [], 0
+    for r in runs:
+        for x in r["rows"]:
+            if x.get("oom") or "pack_docs" not in x:
+                skipped += 1
+                continue
+            packs = [np.asarray(d, np.int64) for d in x["pack_docs"]]
+            points.append(CalibrationPoint(packs, x["pack_length"], 1, x["recompute_layers"], x["time_s"]))
+    if not points:
+        raise SystemExit("--refit: no measured row with pack_docs in these files")
+    rep = calibrate(cm, points)
+    e = rep.efficiency
+    print(
+        f"{model} on {device_name} ({backend}): {len(points)} points fitted, {skipped} rows skipped (OOM / no packs)"
+    )
+    print(
+        f"dense_mfu {e.dense_mfu:.3f}, attention_mfu {e.attention_mfu:.3f}, overhead "
+        f"{e.microbatch_overhead_s * 1e3:.2f} ms/micro-batch; fit RMS error {rep.rms_relative_error * 100:.1f} %, "
+        f"max {rep.max_relative_error * 100:.1f} %"
+    )
+    print("| pack length | docs | recomputed layers | measured (ms) | fitted (ms) | error |")
+    print("|---|---|---|---|---|---|")
+    for pt, pred in zip(points, rep.predicted_s):
+        print(
+            f"| {pt.pack_length} | {sum(len(x) for x in pt.packs)} | {pt.recompute_layers} | {pt.time_s * 1e3:.1f} | "
+            f"{pred * 1e3:.1f} | {(pred - pt.time_s) / pt.time_s * 100:+.1f} % |"
+        )
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama_1b", help="model preset (default llama_1b, ~1.2B)")
@@ -51,10 +98,24 @@ def main(argv=None) -> int:
     p.add_argument(
         "--extra-recompute", default="4,12", help="more recomputed-layer counts at the longest pack length"
     )
+    p.add_argument(
+        "--single-doc",
+        action="store_true",
+        help="packs of ONE document filling the pack (attention-heavy) instead of the synthetic mix",
+    )
+    p.add_argument(
+        "--refit",
+        nargs="+",
+        metavar="JSON",
+        help="no GPU: fit the cost model to the rows of earlier runs' JSON files (same model/device)",
+    )
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--json", default="runs/bench_recompute.json", help="output file")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 256/512 packs, fp32, on CPU")
     a = p.parse_args(argv)
+
+    if a.refit:
+        return refit(a.refit)
 
     import torch
 
@@ -90,6 +151,8 @@ def main(argv=None) -> int:
     settings = []
     for length in lengths_cfg:
         packs = next(s[0] for s in grid if s[1] == length)
+        if a.single_doc:
+            packs = [np.array([length])] * max(1, tokens // length)
         ks = {s[3] for s in grid if s[1] == length}
         if length == max(lengths_cfg):
             ks |= {k for k in extra if 0 <= k <= model_cfg.num_layers}
@@ -152,6 +215,7 @@ def main(argv=None) -> int:
             {
                 "pack_length": length,
                 "recompute_layers": k,
+                "pack_docs": [[int(n) for n in x] for x in packs],
                 "packs": len(packs),
                 "docs": int(sum(len(x) for x in packs)),
                 "tokens": int(tok),
@@ -221,6 +285,7 @@ def main(argv=None) -> int:
         "model": model,
         "torch": torch.__version__,
         "attention_backend": resolved,
+        "packs": "single document" if a.single_doc else f"synthetic {a.data} mix",
         "rows": rows,
         "calibrated_efficiency": {k: getattr(eff, k) for k in eff.__dataclass_fields__},
         "fit_rms_relative_error": report.rms_relative_error,

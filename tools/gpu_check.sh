@@ -7,8 +7,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl megatron-core==0.19.2
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl mistral-common==1.12.0   # default tokenizer
 # On the device (run tool, carry [".whl"], timeout_s 600):  bash tools/gpu_check.sh [BUDGET_S] [STEPS]
 #   BUDGET_S (default 500): the steps share it in order; each gets min(its limit, what is left).
+#   Env: RECOMPUTE_ARGS (extra options of bench_recompute_gpu.py), TRAIN_SAMPLES (default 1500).
 #   STEPS (default all): comma-separated subset of
 #         gpu_tests,bench_cp,bench_recompute,bench_cross_entropy,bench_attention_cost,bench_train
 # Results land in $OUT (8 files at most: summary.txt, one .txt per step, bench_recompute.json).
@@ -53,7 +55,8 @@ step() {  # step NAME LIMIT CMD...: run with min(LIMIT, budget left), keep going
 # most wanted first: CP c=1 overhead and the recompute trade-off (issue 6), the kernels, training.
 step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu kernels/tests tests/test_mcore_attention.py tests/test_cp_attention.py
 step bench_cp 60 python3 -m megatron_hbp.cp.bench
-step bench_recompute 150 python3 tools/bench_recompute_gpu.py --json "$OUT/bench_recompute.json"
+# shellcheck disable=SC2086  # RECOMPUTE_ARGS: extra options, e.g. "--single-doc --pack-lengths 8192,32768"
+step bench_recompute 150 python3 tools/bench_recompute_gpu.py --json "$OUT/bench_recompute.json" ${RECOMPUTE_ARGS:-}
 step bench_cross_entropy 120 python3 kernels/bench_cross_entropy.py
 step bench_attention_cost 60 python3 kernels/bench_attention_cost.py
 step bench_train 200 python3 tools/bench_train_gpu.py --max-samples "${TRAIN_SAMPLES:-1500}" --out /tmp/train_runs

@@ -324,10 +324,12 @@ def test_gpu_from_logits_larger(dtype):
     logits = (torch.randn(3001, 50257, generator=gen) * 3).to(dtype)
     labels = torch.randint(0, 50257, (3001,), generator=gen)
     labels[::9] = -100
-    x_ref = logits.float().requires_grad_()
+    # separate leaves: for fp32 ``logits.float()`` is ``logits`` itself, so the reference leaf
+    # must not be the tensor the CUDA copy is made from (the copy would not be a leaf)
+    x_ref = logits.detach().float().clone().requires_grad_()
     ref = token_balanced_cross_entropy_from_logits_reference(x_ref, labels, 100.0)
     ref.backward()
-    x = logits.cuda().requires_grad_()
+    x = logits.detach().cuda().requires_grad_()
     loss = token_balanced_cross_entropy_from_logits(x, labels.cuda(), 100.0)
     loss.backward()
     torch.testing.assert_close(loss.detach().cpu(), ref.detach(), rtol=1e-4, atol=1e-4)

@@ -153,12 +153,19 @@ def _features(cost_model: CostModel, point: CalibrationPoint) -> np.ndarray:
 
 
 def calibrate(
-    cost_model: CostModel, points: list[CalibrationPoint], *, fit_overhead: bool = True
+    cost_model: CostModel,
+    points: list[CalibrationPoint],
+    *,
+    fit_overhead: bool = True,
+    min_share: float = 0.05,
 ) -> CalibrationReport:
     """Least-squares fit of ``Efficiency`` to measured points; returns the fit and its errors.
 
     Rows are weighted by 1/measured so the fit minimises relative error. Coefficients that the
-    points cannot determine (e.g. no CP point -> no comm column) keep the model's current value.
+    points cannot determine (e.g. no CP point -> no comm column) keep the model's current value;
+    so do the compute/communication terms that are under ``min_share`` of the measured time in
+    every point, and coefficients the unconstrained fit makes non-positive (then the others are
+    refit).
     Efficiencies are clipped into (0, 1].
     """
     if not points:
@@ -173,17 +180,29 @@ def calibrate(
     free = np.abs(X).max(axis=0) > 0  # a column of zeros (e.g. no CP point) cannot be fitted
     if not fit_overhead:
         free[3] = False
-    fixed_part = X[:, ~free] @ current[~free]
-    w = 1.0 / y
-    A = X[:, free] * w[:, None]
-    b = (y - fixed_part) * w
-    if A.shape[1] > len(points):
+    # A term that is a small share of every measured time (at the model's current efficiency)
+    # cannot be told apart from the others: it keeps the model's value (e.g. attention in packs
+    # of short chat samples; measure a long-document pack to fit it).
+    share = (X * current) / y[:, None]
+    free[:3] &= share[:, :3].max(axis=0) >= min_share
+    if int(free.sum()) > len(points):
         raise ValueError(
-            f"calibrate: {A.shape[1]} unknowns but only {len(points)} points; measure more configurations"
+            f"calibrate: {int(free.sum())} unknowns but only {len(points)} points; measure more configurations"
         )
-    coef, *_ = np.linalg.lstsq(A, b, rcond=None)
+    w = 1.0 / y
     fitted = current.copy()
-    fitted[free] = coef
+    # Active set: a coefficient the fit makes non-positive (an efficiency above 1 / infinite, a
+    # negative overhead) is not determined by these points -- e.g. attention time that is a
+    # tiny, nearly collinear share of every point. It keeps the model's value; the rest is refit.
+    while free.any():
+        fixed_part = X[:, ~free] @ fitted[~free]
+        coef, *_ = np.linalg.lstsq(X[:, free] * w[:, None], (y - fixed_part) * w, rcond=None)
+        bad = coef <= 0
+        if not bad.any():
+            fitted[free] = coef
+            break
+        idx = np.flatnonzero(free)
+        free[idx[bad]] = False
     eff = replace(
         e,
         dense_mfu=float(np.clip(1 / max(fitted[0], 1e-9), 1e-3, 1.0)),
