@@ -4,7 +4,7 @@ Trains a ~1B LLaMA-shaped model (preset ``llama_1b``) with 16K-32K tokens per mi
 embedded demo data (long documents truncated to the largest pack; ``--max-samples`` keeps the
 first N lines of the shuffled demo file), once with an HBP plan (two groups: 16K packs without
 recompute, 32K packs with recompute, balanced) and once with an ISF plan (one 32K group,
-recompute everywhere, no balancing), through the same trainer (``megatron_hbp.mcore.train.run``).
+recompute everywhere, no balancing), through the same trainer (``megatron_hbp.mcore.train.run``), each training in a process of its own.
 
 Both plans cover exactly the same samples (``last_step: shrink``, nothing too long after the
 truncation) and each runs to its end, so the comparison is over the same tokens: total tokens,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -126,27 +127,45 @@ def main(argv=None) -> int:
     out = Path(a.out)
     info_path, plans = build_inputs(out, max_length, hbp, isf, tokens_per_step, max_samples)
 
-    from megatron_hbp.mcore.config import DataConfig, OptimizerConfig, PlanSource, TrainConfig
-    from megatron_hbp.mcore.train import init_distributed, run
-
-    init_distributed()
-
-    def config(name: str, max_steps: int | None, metrics: bool) -> TrainConfig:
-        return TrainConfig(
-            model=model,
-            data=DataConfig(sample_info=str(info_path), num_workers=2),
-            plan=PlanSource(path=str(plans[name])),
-            optimizer=OptimizerConfig(lr=1e-5, warmup_steps=2),
-            max_steps=max_steps,
-            dtype=dtype,
-            attention_backend=a.attention_backend,
-            loss_impl=a.loss_impl,
-            metrics_file=str(out / f"metrics_{name}.jsonl") if metrics else None,
+    # Each training runs in a process of its own (as a user's job would): nothing of an earlier
+    # run (model, optimizer, allocator cache) stays on the GPU and inflates the next one's memory.
+    def train(name: str, max_steps: int | None, metrics: bool) -> list[dict]:
+        cfg = {
+            "model": model,
+            "data": {"sample_info": str(info_path), "num_workers": 2},
+            "plan": {"path": str(plans[name])},
+            "optimizer": {"lr": 1e-5, "warmup_steps": 2},
+            "max_steps": max_steps,
+            "dtype": dtype,
+            "attention_backend": a.attention_backend,
+            "loss_impl": a.loss_impl,
+            "metrics_file": str(out / f"metrics_{name}.jsonl") if metrics else None,
+        }
+        code = (
+            "import json, sys\n"
+            "from megatron_hbp.mcore.config import DataConfig, OptimizerConfig, PlanSource, TrainConfig\n"
+            "from megatron_hbp.mcore.train import run\n"
+            "c = json.loads(sys.argv[1])\n"
+            "c['data'] = DataConfig(**c['data']); c['plan'] = PlanSource(**c['plan'])\n"
+            "c['optimizer'] = OptimizerConfig(**c['optimizer'])\n"
+            "run(TrainConfig(**c))\n"
         )
+        if metrics:
+            Path(cfg["metrics_file"]).unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], check=False)
+        if proc.returncode != 0:
+            raise SystemExit(
+                f"[bench] the {name} training exited with {proc.returncode} (its output is above)"
+            )
+        if not metrics:
+            return []
+        return [
+            json.loads(line) for line in Path(cfg["metrics_file"]).read_text().splitlines() if line.strip()
+        ]
 
     if warmup > 0:
-        run(config("isf", warmup, metrics=False))
-    results = {name: summarize(run(config(name, None, metrics=True))) for name in ("hbp", "isf")}
+        train("isf", warmup, metrics=False)
+    results = {name: summarize(train(name, None, metrics=True)) for name in ("hbp", "isf")}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nmodel {model}, whole plans over the same samples, device {device}")
     print("| plan | steps | tokens | total time (s) | tokens/s | MFU | peak mem (GB) |")
