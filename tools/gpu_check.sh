@@ -10,7 +10,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl mistral-common==1.12.0   # default tokenizer
 # On the device (run tool, carry [".whl"], timeout_s 600):  bash tools/gpu_check.sh [BUDGET_S] [STEPS]
 #   BUDGET_S (default 500): the steps share it in order; each gets min(its limit, what is left).
-#   Env: RECOMPUTE_ARGS (extra options of bench_recompute_gpu.py), TRAIN_SAMPLES (default 1500).
+#   Env: RECOMPUTE_ARGS (extra options of bench_recompute_gpu.py), TRAIN_SAMPLES (default: all).
 #   STEPS (default all): comma-separated subset of
 #         gpu_tests,bench_cp,bench_recompute,bench_cross_entropy,bench_attention_cost,bench_train
 # Results land in $OUT (8 files at most: summary.txt, one .txt per step, bench_recompute.json).
@@ -58,6 +58,8 @@ step bench_cp 60 python3 -m megatron_hbp.cp.bench
 # shellcheck disable=SC2086  # RECOMPUTE_ARGS: extra options, e.g. "--single-doc --pack-lengths 8192,32768"
 step bench_recompute 150 python3 tools/bench_recompute_gpu.py --json "$OUT/bench_recompute.json" ${RECOMPUTE_ARGS:-}
 step bench_cross_entropy 120 python3 kernels/bench_cross_entropy.py
-step bench_attention_cost 60 python3 kernels/bench_attention_cost.py
-step bench_train 200 python3 tools/bench_train_gpu.py --max-samples "${TRAIN_SAMPLES:-1500}" --out /tmp/train_runs
+# shellcheck disable=SC2086  # ATTN_COST_ARGS: e.g. --sweep
+step bench_attention_cost 60 python3 kernels/bench_attention_cost.py ${ATTN_COST_ARGS:-}
+# shellcheck disable=SC2086  # TRAIN_SAMPLES: first N demo samples only (default: all 3036)
+step bench_train 240 python3 tools/bench_train_gpu.py ${TRAIN_SAMPLES:+--max-samples $TRAIN_SAMPLES} --out /tmp/train_runs
 echo "total $(($(date +%s) - T0)) s" | tee -a "$OUT/summary.txt"
