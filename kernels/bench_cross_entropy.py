@@ -6,7 +6,9 @@ CPU check that it runs (numbers meaningless):  ... bench_cross_entropy --cpu-smo
 For each shape (default: T=8192/H=4096/V=128256, T=32768, and V=151936 (Qwen2.5), bf16)
 it measures, in the same process:
 - ours: ``token_balanced_cross_entropy(hidden, weight, labels, normalizer)`` fwd+bwd, for
-  both ``grad_mode="recompute"`` (default) and ``grad_mode="in_forward"``;
+  both ``grad_mode="recompute"`` and ``grad_mode="in_forward"``; the row of the mode the
+  default ``grad_mode="auto"`` runs (on CUDA: "in_forward") is marked ``*``. Optional extra
+  "in_forward" rows with other token chunks: ``--in-forward-chunk-tokens 256 384``;
 - torch eager: ``F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum") / N``
   fwd+bwd (bf16 logits upcast to fp32, as Megatron/HF losses do);
 - the matmul floor: 3 x the time of one plain bf16 ``hidden @ weight.T`` (the forward
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 try:
+    from megatron_hbp.kernels import cross_entropy as ce_module
     from megatron_hbp.kernels import token_balanced_cross_entropy
 except ImportError:  # a checkout without `pip install -e .` (e.g. a bare GPU machine)
     import sys
@@ -36,6 +39,7 @@ except ImportError:  # a checkout without `pip install -e .` (e.g. a bare GPU ma
     import megatron_hbp
 
     megatron_hbp.__path__.append(str(_root))  # megatron_hbp.kernels -> <repo>/kernels
+    from megatron_hbp.kernels import cross_entropy as ce_module
     from megatron_hbp.kernels import token_balanced_cross_entropy
 
 DEFAULT_SHAPES = ["8192x4096x128256", "32768x4096x128256", "8192x4096x151936"]
@@ -51,8 +55,10 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return T, H, V
 
 
-def ours_step(hidden, weight, labels, normalizer, grad_mode="recompute"):
-    loss = token_balanced_cross_entropy(hidden, weight, labels, normalizer, grad_mode=grad_mode)
+def ours_step(hidden, weight, labels, normalizer, grad_mode="auto", chunk_tokens=None):
+    loss = token_balanced_cross_entropy(
+        hidden, weight, labels, normalizer, grad_mode=grad_mode, chunk_tokens=chunk_tokens
+    )
     loss.backward()
     return loss
 
@@ -103,7 +109,9 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
-def run_shape(T: int, H: int, V: int, dtype, device, warmup: int, iters: int, skip_eager: bool) -> list[str]:
+def run_shape(
+    T: int, H: int, V: int, dtype, device, warmup: int, iters: int, skip_eager: bool, extra_chunks=()
+) -> list[str]:
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = (torch.randn(T, H, generator=gen, device=device) * 0.5).to(dtype).requires_grad_()
     weight = (torch.randn(V, H, generator=gen, device=device) * 0.02).to(dtype).requires_grad_()
@@ -117,17 +125,24 @@ def run_shape(T: int, H: int, V: int, dtype, device, warmup: int, iters: int, sk
 
     rows = []
     ours = {}
-    for mode in ("recompute", "in_forward"):
+    default = ce_module._resolve_grad_mode("auto", device, True)
+    runs = [("recompute", None), ("in_forward", None)] + [("in_forward", c) for c in extra_chunks]
+    for mode, chunk in runs:
         ms, peak = measure(
-            lambda mode=mode: ours_step(hidden, weight, labels, normalizer, mode),
+            lambda mode=mode, chunk=chunk: ours_step(hidden, weight, labels, normalizer, mode, chunk),
             device,
             warmup,
             iters,
             reset,
         )
         reset()
-        loss = ours_step(hidden, weight, labels, normalizer, mode).detach()
-        ours[mode] = (ms, peak, loss, hidden.grad.clone(), weight.grad.clone())
+        loss = ours_step(hidden, weight, labels, normalizer, mode, chunk).detach()
+        name = f"{mode}{'*' if mode == default and chunk is None else ''}"
+        if chunk is not None:
+            name = f"{mode} Tc={chunk}"
+        ours[name] = (ms, peak, loss, hidden.grad.clone(), weight.grad.clone())
+        del loss
+        reset()
     reset()
     with torch.no_grad():
         mm_ms, _ = measure(lambda: hidden @ weight.T, device, warmup, iters)
@@ -147,7 +162,7 @@ def run_shape(T: int, H: int, V: int, dtype, device, warmup: int, iters: int, sk
             eager = "OOM"
     shape = f"{T}x{H}x{V}"
     for mode, (ms, peak, loss, dh, dw) in ours.items():
-        label = f"ours {mode}"
+        label = f"ours {mode}" if len(mode) < 12 else mode
         line = f"{shape:>20} {label:>16} {ms:>9.2f} {gb(peak):>10} {ms / floor_ms:>9.2f}x"
         if isinstance(eager, tuple):
             ratio_mem = "n/a" if eager[1] != eager[1] else f"{peak / eager[1]:.1%}"
@@ -181,6 +196,14 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-eager", action="store_true", help="do not run the torch eager baseline")
     parser.add_argument(
+        "--in-forward-chunk-tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="TC",
+        help="extra grad_mode='in_forward' rows with these chunk_tokens (default chunk on CUDA: 512)",
+    )
+    parser.add_argument(
         "--cpu-smoke", action="store_true", help="tiny shape on CPU (PyTorch path): checks the script runs"
     )
     args = parser.parse_args(argv)
@@ -205,10 +228,17 @@ def main(argv=None) -> None:
     print(header)
     print("-" * len(header))
     for T, H, V in shapes:
-        for row in run_shape(T, H, V, dtype, device, args.warmup, args.iters, args.skip_eager):
-            print(row)
+        rows = run_shape(
+            T, H, V, dtype, device, args.warmup, args.iters, args.skip_eager, args.in_forward_chunk_tokens
+        )
+        for row in rows:
+            print(row, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    default = ce_module._resolve_grad_mode("auto", device, True)
+    print(
+        f"* the default: grad_mode='auto' runs '{default}' on {device.type} tensors when a gradient is needed"
+    )
 
 
 if __name__ == "__main__":

@@ -19,17 +19,35 @@ target logit when the label falls in the split. Splits, then ranks, are merged w
 three ``all_reduce`` calls on ``[T]`` fp32 vectors. Only ``lse = m* + log s*`` (``[T]``
 fp32) is saved for the backward.
 
-Backward: for each (token chunk, vocab chunk) the logits are recomputed, turned into
+Backward (``grad_mode="recompute"``): for each (token chunk, vocab chunk) the logits are
+recomputed, turned into
 ``dz`` (``[Tc, Vc]`` in the input dtype on the Triton path, fp32 on the PyTorch path) and
 consumed at once by two matmuls: ``dhidden[Tc] += dz · W[Vc]`` (fp32 accumulator ``[T, H]``)
 and ``dweight[Vc] = dzᵀ · hidden`` (fp32 accumulation; written once in the weight dtype).
 Extra memory is ``O(Tc·Vc + T·H)``, never ``O(T·V)``. With tensor parallelism ``dhidden``
 is all-reduced (the hidden states are replicated over the group) unless the caller does it.
 
-``grad_mode="in_forward"`` (opt-in) trades one GEMM for precision/flexibility: per token
-chunk the full-vocabulary logits ``[Tc, V]`` are built once, reduced to ``lse``, turned
-into ``dz`` and consumed immediately (3 GEMM-sized passes instead of 4); the gradients are
-kept until the backward scales them by ``g`` (see ``_LinearCrossEntropyInForward``).
+``grad_mode="in_forward"`` saves one GEMM: per token chunk the full-vocabulary logits
+``[Tc, V]`` are built once, reduced to ``lse``, turned into ``dz`` and consumed
+immediately (3 GEMM-sized passes instead of 4); the gradients are kept until the backward
+scales them by ``g`` (see ``_LinearCrossEntropyInForward``).
+
+Default ``grad_mode="auto"`` (see ``_resolve_grad_mode``): "in_forward" on CUDA when a
+gradient is needed (grad mode on and ``hidden`` or ``weight`` requires grad), "recompute"
+otherwise (CPU tensors, including the Triton interpreter; forward-only calls). Why: on an
+H100 (2026-11-26, 8192x4096x128256 bf16, fwd+bwd) "recompute" took 1.31-1.83x torch
+eager's time, "in_forward" 0.79-0.92x (1.15-1.26x the 3-GEMM floor) at ~10 % of eager's
+extra memory. Its extra memory is ``dweight`` (``V_local x H``, the output itself) +
+``dhidden`` (``T x H``) + one ``[Tc, V_local]`` logits chunk, held from the end of the
+forward to the backward; on CUDA ``Tc`` = 512 tokens (``_in_forward_chunk_tokens``), the
+smallest multiple of 128 at which ``dweight += dzᵀ·hidden`` (K = Tc, reading and writing
+all of ``dweight`` per chunk) stays compute-bound. "in_forward" supports one backward per
+forward (it raises on a second one): the trainer's case (Megatron runs one backward per
+micro-batch; its activation recompute re-runs transformer layers, never the output
+processor). Use ``grad_mode="recompute"`` to backpropagate through the loss more than once
+(``retain_graph=True``) or to accumulate ``dweight`` in fp32. Neither mode is twice
+differentiable (``create_graph=True`` gives first-order gradients; differentiating them
+raises).
 
 Layout: Triton kernels (fused linear forward/backward tiles with ``tl.dot``; logits
 forward/backward tiles), the chunked PyTorch implementation (the CPU fallback), plain fp32
@@ -44,6 +62,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .utils import cdiv, is_interpreting, num_sms, resolve_backend
 
@@ -544,6 +563,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return _finish_loss(lse, tgt, labels, ignore_index, normalizer)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -659,15 +679,43 @@ def _logits_to_dlogits_triton(z, labels, lse, g, vocab_start: int, ignore_index:
     return z
 
 
+# grad_mode="in_forward" on CUDA: token rows per full-vocabulary logits chunk, and a cap on
+# the chunk's elements for very large vocabulary shards.
+_IN_FORWARD_CUDA_TOKENS = 512
+_IN_FORWARD_CUDA_MAX_ELEMENTS = 1 << 27
+_IN_FORWARD_CPU_ELEMENTS = 1 << 22
+
+
 def _in_forward_chunk_tokens(T: int, V: int, device, chunk_tokens: int | None) -> int:
-    """Token rows per full-vocabulary logits chunk of grad_mode="in_forward"."""
+    """Token rows ``Tc`` per full-vocabulary logits chunk of grad_mode="in_forward".
+
+    CUDA: 512 tokens (fewer only when ``512·V`` exceeds 2²⁷ elements), a multiple of 128
+    when ≥ 128. The chunk ``[Tc, V]`` costs ``Tc/H`` of ``dweight``'s memory (12.5 % at
+    H = 4096: 131 MB bf16 at V = 128256), and each chunk's ``dweight += dzᵀ·hidden[Tc]``
+    (K = Tc) reads and writes all of ``dweight``: 2·Tc FLOP per 4 bytes, compute-bound on an
+    H100 (~300 FLOP/byte machine balance at ~1 PFLOP/s, 3.35 TB/s) only from Tc ≈ 512; a
+    smaller chunk (e.g. 256) saves ~65 MB but makes that GEMM memory-bound (~+10 ms at
+    8192x4096x128256). CPU: 2²² elements (fp32 PyTorch path).
+    """
     if chunk_tokens is None:
-        # 2^27 logits = 256 MB of bf16 on CUDA (about 1K tokens at V = 128K).
-        budget = (1 << 27) if device.type == "cuda" else (1 << 22)
-        chunk_tokens = max(1, budget // V)
+        if device.type == "cuda":
+            chunk_tokens = max(1, min(_IN_FORWARD_CUDA_TOKENS, _IN_FORWARD_CUDA_MAX_ELEMENTS // max(V, 1)))
+        else:
+            chunk_tokens = max(1, _IN_FORWARD_CPU_ELEMENTS // max(V, 1))
         if chunk_tokens < T and chunk_tokens >= 128:
             chunk_tokens = chunk_tokens // 128 * 128
     return max(1, min(chunk_tokens, T))
+
+
+def _resolve_grad_mode(grad_mode: str, device, need_grad: bool) -> str:
+    """The grad_mode that runs. ``"auto"``: "in_forward" for CUDA tensors when a gradient is
+    needed (``need_grad``: grad mode on and hidden or weight requires grad), else
+    "recompute" (CPU tensors, the Triton interpreter included: fp32 accumulation and
+    vocabulary chunks that suit the PyTorch path; forward-only calls: the fused forward
+    kernel keeps only ``lse``, no logits chunk). Explicit modes are returned unchanged."""
+    if grad_mode == "auto":
+        return "in_forward" if device.type == "cuda" and need_grad else "recompute"
+    return grad_mode
 
 
 class _LinearCrossEntropyInForward(torch.autograd.Function):
@@ -737,14 +785,18 @@ class _LinearCrossEntropyInForward(torch.autograd.Function):
                     dw.addmm_(dz.T, h_c.float())
             del z, dz
         if need_dh and all_reduce_dh and group is not None and torch.distributed.get_world_size(group) > 1:
-            dh32 = dh.float()
-            torch.distributed.all_reduce(dh32, op=torch.distributed.ReduceOp.SUM, group=group)
-            dh.copy_(dh32)
+            # Sum the shards' shares in fp32, in row blocks: a 16 MB temporary, not 4·T·H bytes.
+            step = max(1, (1 << 22) // max(H, 1))
+            for r0 in range(0, T, step):
+                block32 = dh[r0 : r0 + step].float()
+                torch.distributed.all_reduce(block32, op=torch.distributed.ReduceOp.SUM, group=group)
+                dh[r0 : r0 + step].copy_(block32)
         ctx.save_for_backward(dh, dw)
         ctx.dtype, ctx.consumed = hidden.dtype, False
         return _finish_loss(lse, tgt, labels, ignore_index, normalizer)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         if ctx.consumed:
             raise RuntimeError(
@@ -785,6 +837,7 @@ class _LogitsCrossEntropy(torch.autograd.Function):
         return _finish_loss(lse, tgt, labels, ignore_index, normalizer)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         logits, labels, lse = ctx.saved_tensors
         g = _grad_scale(grad_out, ctx.normalizer)
@@ -915,7 +968,7 @@ def token_balanced_cross_entropy(
     *,
     return_num_tokens: bool = False,
     all_reduce_hidden_grad: bool = True,
-    grad_mode: str = "recompute",
+    grad_mode: str = "auto",
     backend: str = "auto",
     chunk_tokens: int | None = None,
     chunk_vocab: int | None = None,
@@ -923,9 +976,12 @@ def token_balanced_cross_entropy(
 ):
     """Fused ``hidden @ weight.T`` + cross-entropy, summed over loss tokens, divided by ``normalizer``.
 
-    Never materialises the ``[T, V]`` logits: the forward keeps an online softmax state per
-    token and vocabulary split; the backward recomputes logits chunk by chunk (see the module
-    docstring for the math and the memory bound).
+    Never materialises the ``[T, V]`` logits. With a gradient on CUDA (the default
+    ``grad_mode="auto"`` resolves to "in_forward") the forward builds full-vocabulary logits
+    for ``chunk_tokens`` tokens at a time and computes the gradients right away; otherwise
+    ("recompute") the forward keeps an online softmax state per token and vocabulary split
+    and the backward recomputes logits chunk by chunk (see the module docstring for the
+    math, the rule and the memory bound).
 
     Args:
         hidden: ``[T, H]`` float32 or bfloat16, the final hidden states (replicated over
@@ -944,18 +1000,26 @@ def token_balanced_cross_entropy(
         all_reduce_hidden_grad: with ``P > 1`` all-reduce the hidden gradient over
             ``tp_group`` (it is the sum of every shard's contribution). Set False only if
             the caller already applies Megatron's ``copy_to_tensor_model_parallel_region``.
-        grad_mode: "recompute" (default): the backward recomputes the logits; 4 GEMM-sized
-            passes, fp32 accumulation everywhere, extra memory ``O(Tc·Vc + T·H)``.
-            "in_forward": the forward also computes the gradients from full-vocabulary
-            token chunks (3 GEMM-sized passes; ``chunk_tokens`` rows of ``[Tc, V_local]``
-            logits, ~2²⁷ elements by default on CUDA) and keeps them until backward;
-            ``dweight`` is accumulated over token chunks in the weight dtype on the Triton
-            path (one rounding per chunk); one backward per forward.
+        grad_mode: "auto" (default): "in_forward" for CUDA tensors when a gradient is
+            needed (grad mode on and ``hidden`` or ``weight`` requires grad), "recompute"
+            otherwise (CPU tensors, forward-only calls). "in_forward": the forward also
+            computes the gradients from full-vocabulary token chunks (3 GEMM-sized passes;
+            ``chunk_tokens`` rows of ``[Tc, V_local]`` logits in the input dtype, 512 by
+            default on CUDA) and keeps them until backward; extra memory ``dweight`` +
+            ``dhidden`` + one chunk; ``dweight`` is accumulated over token chunks in the
+            weight dtype on the Triton path (one rounding per chunk); the logits are
+            rounded to the input dtype (as in torch eager); one backward per forward (a
+            second raises). "recompute": the backward recomputes the logits; 4 GEMM-sized
+            passes, fp32 logits and accumulation everywhere, any number of backwards,
+            extra memory ``O(Tc·Vc + T·H)`` before ``dweight``. Neither is twice
+            differentiable.
         backend: "auto" (Triton on CUDA, chunked PyTorch on CPU), "triton" (CUDA, or CPU
             under ``TRITON_INTERPRET=1``), "torch".
-        chunk_tokens, chunk_vocab: chunk sizes of the backward and of the PyTorch path
-            (``chunk_vocab`` also sets the vocabulary split width of the Triton forward).
-            Default: chosen so one chunk holds at most 2²⁵ (CUDA) / 2²² (CPU) logits.
+        chunk_tokens, chunk_vocab: "recompute": chunk sizes of the backward and of the
+            PyTorch path (``chunk_vocab`` also sets the vocabulary split width of the Triton
+            forward); default: one chunk holds at most 2²⁵ (CUDA) / 2²² (CPU) logits.
+            "in_forward": ``chunk_tokens`` rows per full-vocabulary chunk (default 512 on
+            CUDA, 2²² / V_local on CPU); ``chunk_vocab`` is not used.
         validate: check label values (needs a host sync); default: only for CPU tensors.
 
     Returns:
@@ -984,15 +1048,18 @@ def token_balanced_cross_entropy(
     _check_labels(labels, T, where, device, weight.shape[0] * _tp_size(tp_group), ignore_index, check_values)
     _check_normalizer(normalizer, where, device)
     _check_chunks(chunk_tokens, chunk_vocab, where)
-    if grad_mode not in ("recompute", "in_forward"):
-        raise ValueError(f"{where}: grad_mode must be 'recompute' or 'in_forward', got {grad_mode!r}")
+    if grad_mode not in ("auto", "recompute", "in_forward"):
+        raise ValueError(f"{where}: grad_mode must be 'auto', 'recompute' or 'in_forward', got {grad_mode!r}")
     chosen = resolve_backend(backend, device, where)
     norm = _normalizer_for(normalizer, device)
+    grad_on = torch.is_grad_enabled()
+    grad_mode = _resolve_grad_mode(
+        grad_mode, device, grad_on and (hidden.requires_grad or weight.requires_grad)
+    )
     if T == 0:
         # Nothing to sum: keep the graph so that backward yields zero gradients.
         loss = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
     elif grad_mode == "in_forward":
-        grad_on = torch.is_grad_enabled()
         loss = _LinearCrossEntropyInForward.apply(
             _contiguous_rows(hidden),
             _contiguous_rows(weight),
