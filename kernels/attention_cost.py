@@ -15,10 +15,10 @@ packed sequences). A query at real position ``q < l`` attends to the ``q + 1`` k
 so rank ``r`` gets ``P(r·c, (r+1)·c) + P((2cp−1−r)·c, (2cp−r)·c)`` from each document: O(1)
 per (document, rank), O(docs·cp) per call, independent of the number of tokens. With
 ``cp = 1`` the entry is Σ l(l+1)/2. Counts are int64 (exact up to 2⁶³); the kernel keeps
-chunk bounds in int32 (lengths up to 2³¹ − 2·cp) and widens only for the products.
+chunk bounds in 32 bits (lengths up to 2³¹ − 2·cp) and widens only for the products.
 
-Layout: Triton kernel (one program per block of packs, a loop over the document slots of
-those packs), a PyTorch reference that is also the CPU fallback (chunked over documents,
+Layout: Triton kernel (one program per block of packs; each loop step reads the next
+``BLOCK_I`` documents of every pack, a contiguous row per pack), a PyTorch reference that is also the CPU fallback (chunked over documents,
 so memory stays bounded), and the public :func:`attention_cost`. No autograd: the result is
 an integer count. :func:`attention_pairs_to_flops` turns pairs into FLOPs for a model shape.
 """
@@ -48,11 +48,14 @@ _REFERENCE_CHUNK_DOCS = 1 << 20
 
 
 @triton.jit
-def _pairs_in(a, b, length):
-    """Causal pairs of the queries in [a, b) clipped to the real length: int32 bounds, int64 count."""
-    hi = tl.minimum(b, length).to(tl.int64)
-    lo = tl.minimum(a, length).to(tl.int64)
-    return (hi - lo) * (hi + lo + 1)  # twice the count; always even, halved once by the caller
+def _twice_pairs_in(a, b, length):
+    """Twice the causal pairs of the queries in [a, b) clipped to the real length (uint32 bounds).
+
+    hi + lo + 1 <= 2·length + 1 < 2^32 fits uint32 and (hi − lo) < 2^31, so the widening
+    product is exact and below 2^63 (one 32x32 -> 64-bit multiply)."""
+    hi = tl.minimum(b, length)
+    lo = tl.minimum(a, length)
+    return (hi - lo).to(tl.uint64) * (hi + lo + 1).to(tl.uint64)
 
 
 @triton.jit
@@ -64,43 +67,84 @@ def _attention_cost_kernel(
     CP: tl.constexpr,
     CP_POW2: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_I: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    # BLOCK_P packs per program; each loop step reads the next BLOCK_I documents of every
+    # pack (a contiguous row per pack, masked past its end) as a [BLOCK_P, BLOCK_I] tile and
+    # sums their [BLOCK_P, BLOCK_I, CP_POW2] pair counts over the documents.
+    pid = tl.program_id(0).to(tl.int64)
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < num_packs
     start = tl.load(offsets_ptr + offs_p, mask=mask_p, other=0).to(tl.int64)
     end = tl.load(offsets_ptr + offs_p + 1, mask=mask_p, other=0).to(tl.int64)
     count = tl.where(mask_p, end - start, 0)
     max_count = tl.max(count, axis=0)
 
-    rank = tl.arange(0, CP_POW2)[None, :]
-    acc = tl.zeros([BLOCK_P, CP_POW2], dtype=tl.int64)
-    # Slot i of every pack in the block; packs with fewer documents mask it off, so the
-    # loop runs max(docs per pack in this block) times and reads each length once.
-    for i in range(0, max_count):
-        valid = i < count
-        # Chunk bounds stay below 2^31 for lengths <= _max_doc_length(cp): 32-bit index math,
-        # 64-bit only for the products (the count of one document can exceed 2^31).
-        length = tl.load(lengths_ptr + start + i, mask=valid, other=0).to(tl.int32)[:, None]
-        chunk = length // (2 * CP) + (length % (2 * CP) != 0).to(tl.int32)
+    rank = tl.arange(0, CP_POW2)[None, None, :].to(tl.uint32)
+    # Twice the pair counts, summed in uint64 (wraps modulo 2^64): halving at the end gives
+    # every count below 2^63 exactly, without a shift per document.
+    acc = tl.zeros([BLOCK_P, CP_POW2], dtype=tl.uint64)
+    for i0 in range(0, max_count, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)[None, :]
+        valid = i < count[:, None]
+        # Chunk bounds stay below 2^31 for lengths <= _max_doc_length(cp): 32-bit (unsigned)
+        # index math, 64-bit only for the products and sums. Masked slots count 0.
+        length = tl.load(lengths_ptr + start[:, None] + i, mask=valid, other=0).to(tl.uint32)[:, :, None]
+        chunk = (length + (2 * CP - 1)) // (2 * CP)
         first = rank * chunk
-        second = (2 * CP - 1 - rank) * chunk
-        acc += (_pairs_in(first, first + chunk, length) + _pairs_in(second, second + chunk, length)) >> 1
-    out_mask = mask_p[:, None] & (rank < CP)
-    tl.store(out_ptr + offs_p[:, None] * CP + rank, acc, mask=out_mask)
+        second = (2 * CP - 1 - rank) * chunk  # ranks >= CP (padding of CP_POW2) are never stored
+        twice = _twice_pairs_in(first, first + chunk, length) + _twice_pairs_in(
+            second, second + chunk, length
+        )
+        acc += tl.sum(twice, axis=1)
+    out_rank = tl.arange(0, CP_POW2)[None, :]
+    out_mask = mask_p[:, None] & (out_rank < CP)
+    tl.store(out_ptr + offs_p[:, None] * CP + out_rank, (acc >> 1).to(tl.int64), mask=out_mask)
+
+
+def _default_config(cp: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_I, num_warps): tiles of about 1024 (document, rank) slots."""
+    cp_pow2 = triton.next_power_of_2(cp)
+    block_i = 16 if cp_pow2 <= 2 else 8
+    return max(1024 // (block_i * cp_pow2), 2), block_i, 4
 
 
 def _attention_cost_triton(
-    lengths: torch.Tensor, offsets: torch.Tensor, cp: int, out: torch.Tensor | None = None
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    cp: int,
+    out: torch.Tensor | None = None,
+    *,
+    _block_p: int | None = None,
+    _block_i: int | None = None,
+    _num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel; ``out`` (``[num_packs, cp]`` int64, contiguous) lets tests poison it."""
+    """Launch the kernel; ``out`` (``[num_packs, cp]`` int64, contiguous) lets tests poison it.
+
+    ``_block_p`` (packs per program), ``_block_i`` (documents of each pack per loop step)
+    and ``_num_warps`` (powers of two) override :func:`_default_config` for tests and the
+    benchmark sweep.
+    """
     num_packs = offsets.numel() - 1
     if out is None:
         out = torch.empty((num_packs, cp), dtype=torch.int64, device=lengths.device)
-    block_p = 128
+    block_p, block_i, num_warps = _default_config(cp)
+    block_p = _block_p or block_p
+    block_i = _block_i or block_i
+    num_warps = _num_warps or num_warps
+    if num_packs == 0:
+        return out
     grid = (cdiv(num_packs, block_p),)
     _attention_cost_kernel[grid](
-        lengths, offsets, out, num_packs, CP=cp, CP_POW2=triton.next_power_of_2(cp), BLOCK_P=block_p
+        lengths,
+        offsets,
+        out,
+        num_packs,
+        CP=cp,
+        CP_POW2=triton.next_power_of_2(cp),
+        BLOCK_P=block_p,
+        BLOCK_I=block_i,
+        num_warps=num_warps,
     )
     return out
 
