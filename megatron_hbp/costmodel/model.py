@@ -79,7 +79,11 @@ scores are never stored:
                    re-materialises one layer) + 3 T b h (final norm, output-layer input)
     loss         = unfused: 14 T V / t  (bf16 logits, fp32 copy, fp32 softmax and gradient;
                    measured 13.7-14.8 GB for 8192 x 128256 on a GPU, ENVIRONMENT.md)
-                   fused (chunked linear + CE): 4 T h + 6 chunk V / t
+                   fused (megatron_hbp.kernels.token_balanced_cross_entropy, its CUDA default
+                   grad_mode "in_forward"): b (V h / t + T h + min(T, chunk) V / t) = dweight
+                   (the output layer's, the weight dtype = b), dhidden and one [chunk, V / t]
+                   logits chunk, computed in the forward and held until the loss backward, i.e.
+                   at the activation peak (chunk: ``fused_loss_chunk_tokens``, the kernel's 512)
     CP buffers   = 2 T_p 2 kv 2 / t  (transient gathered K/V and their gradients of the layer
                    being computed) when c > 1, either ``cp_impl``
     total        = static + activations + loss + CP buffers + memory_reserve_gib
@@ -200,19 +204,21 @@ class TrainingSetup:
     ``use_distributed_optimizer``)."""
     fused_loss: bool = True
     """Chunked linear + cross-entropy that never materialises the [T, V] logits."""
-    fused_loss_chunk_tokens: int = 4096
-    """Tokens per chunk of the fused loss."""
+    fused_loss_chunk_tokens: int = 512
+    """Tokens per full-vocabulary logits chunk of the fused loss (the kernel's CUDA default for
+    ``grad_mode="in_forward"``, ``_in_forward_chunk_tokens``)."""
     grad_bytes: int = 4
     """Bytes per main-gradient element (4: fp32 accumulate/all-reduce, Megatron's bf16 default)."""
     overlap_cp_comm: bool = True
     """Overlap the K/V exchange of context parallelism with attention compute."""
     overlap_dp_comm: bool = True
     """Overlap the gradient reduce-scatter / parameter all-gather with compute."""
-    memory_reserve_gib: float = 14.0
+    memory_reserve_gib: float = 16.0
     """Memory not available to the modelled tensors: CUDA context, NCCL buffers, allocator
-    fragmentation, temporaries. 14 GiB reproduces the recompute counts the paper measured for
+    fragmentation, temporaries. 16 GiB reproduces the recompute counts the paper measured for
     LLaMA3.1-8B on 80 GB H100s (Table 19: 8 layers at 4K tokens/GPU, 28 at 16K; this model gives
-    6 and 28); a first-principles guess would be ~6 GiB."""
+    6-7 and 28-29); refitted from 14 GiB when the fused-loss term became the in_forward kernel's
+    (2.1 GB less at 8B); a first-principles guess would be ~6 GiB."""
     attention_backward_factor: float = 2.5
     """Attention backward FLOPs / forward FLOPs (2.5 for FlashAttention-2)."""
     activation_bytes: int = 2
@@ -648,7 +654,10 @@ class CostModel:
             + 3 * self.checkpoint_layer_bytes_per_token() * T
         )
         if self.setup.fused_loss:
-            loss = 4.0 * h * T + 6.0 * min(T, self.setup.fused_loss_chunk_tokens) * V / t
+            # grad_mode="in_forward": dweight + dhidden + one logits chunk, all in dtype b,
+            # computed in the forward and held until the loss backward (at the activation peak)
+            b = float(self.setup.activation_bytes)
+            loss = b * (V * h / t + T * h + min(T, self.setup.fused_loss_chunk_tokens) * V / t)
         else:
             loss = UNFUSED_LOSS_BYTES_PER_LOGIT * T * V / t
         cp_buf = 2.0 * pack_tokens * 2 * self.kv_dim * 2 / t if cp > 1 else 0.0
