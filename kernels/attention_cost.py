@@ -17,9 +17,11 @@ per (document, rank), O(docs·cp) per call, independent of the number of tokens.
 ``cp = 1`` the entry is Σ l(l+1)/2. Counts are int64 (exact up to 2⁶³); the kernel keeps
 chunk bounds in 32 bits (lengths up to 2³¹ − 2·cp) and widens only for the products.
 
-Layout: Triton kernel (one program per block of packs; each loop step reads the next
-``BLOCK_I`` documents of every pack, a contiguous row per pack), a PyTorch reference that is also the CPU fallback (chunked over documents,
-so memory stays bounded), and the public :func:`attention_cost`. No autograd: the result is
+Layout: two Triton kernels -- the default (one lane per pack, a loop over document slots;
+GPU-verified) and an opt-in tiled one (each loop step reads the next ``BLOCK_I`` documents of
+every pack, a contiguous row per pack; not yet timed on a GPU) -- a PyTorch reference that
+is also the CPU fallback (chunked over documents, so memory stays bounded), and the public
+:func:`attention_cost`. No autograd: the result is
 an integer count. :func:`attention_pairs_to_flops` turns pairs into FLOPs for a model shape.
 """
 
@@ -59,7 +61,7 @@ def _twice_pairs_in(a, b, length):
 
 
 @triton.jit
-def _attention_cost_kernel(
+def _attention_cost_tiled_kernel(
     lengths_ptr,
     offsets_ptr,
     out_ptr,
@@ -102,6 +104,51 @@ def _attention_cost_kernel(
     tl.store(out_ptr + offs_p[:, None] * CP + out_rank, (acc >> 1).to(tl.int64), mask=out_mask)
 
 
+@triton.jit
+def _pairs_in(a, b, length):
+    """Causal pairs of the queries in [a, b) clipped to the real length: int32 bounds, int64 count."""
+    hi = tl.minimum(b, length).to(tl.int64)
+    lo = tl.minimum(a, length).to(tl.int64)
+    return (hi - lo) * (hi + lo + 1)  # twice the count; always even, halved once by the caller
+
+
+@triton.jit
+def _attention_cost_kernel(
+    lengths_ptr,
+    offsets_ptr,
+    out_ptr,
+    num_packs,
+    CP: tl.constexpr,
+    CP_POW2: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """The default kernel (run on an H100, 2026-11-26: exact; 19 % of copy bandwidth at cp 1).
+    One lane per pack; loop over the document slots of the block's packs."""
+    pid = tl.program_id(0)
+    offs_p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mask_p = offs_p < num_packs
+    start = tl.load(offsets_ptr + offs_p, mask=mask_p, other=0).to(tl.int64)
+    end = tl.load(offsets_ptr + offs_p + 1, mask=mask_p, other=0).to(tl.int64)
+    count = tl.where(mask_p, end - start, 0)
+    max_count = tl.max(count, axis=0)
+
+    rank = tl.arange(0, CP_POW2)[None, :]
+    acc = tl.zeros([BLOCK_P, CP_POW2], dtype=tl.int64)
+    # Slot i of every pack in the block; packs with fewer documents mask it off, so the
+    # loop runs max(docs per pack in this block) times and reads each length once.
+    for i in range(0, max_count):
+        valid = i < count
+        # Chunk bounds stay below 2^31 for lengths <= _max_doc_length(cp): 32-bit index math,
+        # 64-bit only for the products (the count of one document can exceed 2^31).
+        length = tl.load(lengths_ptr + start + i, mask=valid, other=0).to(tl.int32)[:, None]
+        chunk = length // (2 * CP) + (length % (2 * CP) != 0).to(tl.int32)
+        first = rank * chunk
+        second = (2 * CP - 1 - rank) * chunk
+        acc += (_pairs_in(first, first + chunk, length) + _pairs_in(second, second + chunk, length)) >> 1
+    out_mask = mask_p[:, None] & (rank < CP)
+    tl.store(out_ptr + offs_p[:, None] * CP + rank, acc, mask=out_mask)
+
+
 def _default_config(cp: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_I, num_warps): tiles of about 1024 (document, rank) slots."""
     cp_pow2 = triton.next_power_of_2(cp)
@@ -121,21 +168,30 @@ def _attention_cost_triton(
 ) -> torch.Tensor:
     """Launch the kernel; ``out`` (``[num_packs, cp]`` int64, contiguous) lets tests poison it.
 
-    ``_block_p`` (packs per program), ``_block_i`` (documents of each pack per loop step)
-    and ``_num_warps`` (powers of two) override :func:`_default_config` for tests and the
-    benchmark sweep.
+    Without the private knobs the default kernel runs (one lane per pack, a loop over document
+    slots: exact and 19 % of copy bandwidth at cp = 1 on an H100, 2026-11-26). Any of
+    ``_block_p`` (packs per program), ``_block_i`` (documents of each pack per loop step) and
+    ``_num_warps`` (powers of two) selects the tiled kernel, the rest from
+    :func:`_default_config`: correct in the Triton interpreter and compiled for sm_90, not yet
+    timed on a GPU (``python kernels/bench_attention_cost.py --sweep`` times both).
     """
     num_packs = offsets.numel() - 1
     if out is None:
         out = torch.empty((num_packs, cp), dtype=torch.int64, device=lengths.device)
+    if num_packs == 0:
+        return out
+    if _block_p is None and _block_i is None and _num_warps is None:
+        # the GPU-verified kernel stays the default until the tiled one is timed (see docstring)
+        _attention_cost_kernel[(cdiv(num_packs, 128),)](
+            lengths, offsets, out, num_packs, CP=cp, CP_POW2=triton.next_power_of_2(cp), BLOCK_P=128
+        )
+        return out
     block_p, block_i, num_warps = _default_config(cp)
     block_p = _block_p or block_p
     block_i = _block_i or block_i
     num_warps = _num_warps or num_warps
-    if num_packs == 0:
-        return out
     grid = (cdiv(num_packs, block_p),)
-    _attention_cost_kernel[grid](
+    _attention_cost_tiled_kernel[grid](
         lengths,
         offsets,
         out,

@@ -12,7 +12,7 @@ never asserts (a mismatch with the PyTorch reference is printed in the "exact" c
 
 ``--sweep`` times the kernel at several (BLOCK_P, BLOCK_I, num_warps) configurations per cp
 (:func:`sweep_configs`; the launcher's private knobs), each checked against the reference,
-and marks the launcher's default with ``*``. Triton compiles every (cp, config) once, so
+after the default (untiled) kernel, and marks the tiled kernel's default config with ``*``. Triton compiles every (cp, config) once, so
 it uses fewer warm-up runs and iterations than the default table.
 """
 
@@ -170,6 +170,16 @@ def main(argv=None) -> None:
             # The same PyTorch code on the device: exact integers, faster than on the host.
             expected = attention_cost_reference(lengths, offsets, cp)
             default = _default_config(cp)
+            # the default (untiled) kernel first, then the tiled kernel's configurations
+            base = lambda cp=cp: attention_cost(lengths, offsets, cp)  # noqa: E731
+            exact = torch.equal(base(), expected)
+            ms = time_fn(base, device, args.sweep_warmup, args.sweep_iters)
+            gbs = (in_bytes + out_bytes) / ms / 1e6
+            print(
+                f"{cp:>3} {'untiled (default)':>22} {ms:>9.3f} {gbs:>10.1f} {100 * gbs / copy_gbs:>9.0f}% "
+                f"{ref_ms:>13.2f} {'yes' if exact else 'NO':>6}",
+                flush=True,
+            )
             for block_p, block_i, num_warps in sweep_configs(cp):
 
                 def fn(cp=cp, block_p=block_p, block_i=block_i, num_warps=num_warps):
