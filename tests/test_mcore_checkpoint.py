@@ -66,7 +66,9 @@ def test_memory_estimate_by_hand():
     full = 2 * (8 * 64 + 4 + 2 * 64) + 2 * 4 * 64 + 4 * 4 + 16 * 16 + 2 * 5 * 176
     assert full == 3832
     t = 1000
-    loss = 4 * 64 * t + 6 * t * 32000  # fused: fp32 hidden grad + one chunk (T < 4096) of fp32 logits
+    loss = 2 * (
+        32000 * 64 + 64 * t + 512 * 32000
+    )  # fused in_forward: dweight + dhidden + one 512-token chunk
     static = p * (2 + 4) + 12 * p  # bf16 weights, fp32 main grads, fp32 master + Adam (not sharded)
     m = _tiny_cm().memory(t, 1, 0)
     assert m.total == pytest.approx(static + t * (2 * full + 3 * 2 * 64) + loss, rel=1e-12)
