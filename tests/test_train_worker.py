@@ -177,6 +177,32 @@ def scenario_single(work: Path, rank: int) -> dict:
     }
 
 
+def scenario_rerun(work: Path, rank: int) -> dict:
+    """Two run()s in one process with Python's automatic collector off: the first run's model
+    must be gone once the second has run (run() frees an earlier run's cyclic garbage)."""
+    import gc
+
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_hbp.mcore.train import run
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(_cfg(work, "plan_w1.npz", max_steps=1))
+        after_first = sum(isinstance(o, GPTModel) for o in gc.get_objects())
+        run(_cfg(work, "plan_w1.npz", max_steps=1))
+        after_second = sum(isinstance(o, GPTModel) for o in gc.get_objects())
+    finally:
+        gc.enable()
+    gc.collect()
+    return {
+        "after_first": after_first,
+        "after_second": after_second,
+        "after_collect": sum(isinstance(o, GPTModel) for o in gc.get_objects()),
+    }
+
+
 def scenario_stable2(work: Path, rank: int) -> dict:
     """2 processes, 2 micro-batches each (plan_w2: the same packs as plan_w1)."""
     import torch
@@ -275,6 +301,7 @@ def scenario_bad(work: Path, rank: int) -> dict:
 
 
 SCENARIOS = {
+    "rerun": scenario_rerun,
     "single": scenario_single,
     "stable2": scenario_stable2,
     "resume": scenario_resume,

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import gc
 import json
 import os
 import socket
@@ -614,6 +615,12 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     ``on_grads(step_index, model)``, if given, is called after the gradients of a step are
     reduced and normalised (``param.main_grad``) and before the optimizer uses them (tests).
     """
+    # The model and optimizer of an earlier run() in this process are cyclic garbage (Megatron's
+    # hooks refer back to the model): free them before this run allocates. Python's collector
+    # alone may not have run, and on a GPU that memory (18 B/param) can make this run OOM.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     rank, world, device = init_distributed()
     prep = preflight(cfg, world, rank)
 
