@@ -143,12 +143,10 @@ def main(argv=None) -> int:
         }
         code = (
             "import json, sys\n"
-            "from megatron_hbp.mcore.config import DataConfig, OptimizerConfig, PlanSource, TrainConfig\n"
+            "from megatron_hbp.configio import from_dict\n"
+            "from megatron_hbp.mcore.config import TrainConfig\n"
             "from megatron_hbp.mcore.train import run\n"
-            "c = json.loads(sys.argv[1])\n"
-            "c['data'] = DataConfig(**c['data']); c['plan'] = PlanSource(**c['plan'])\n"
-            "c['optimizer'] = OptimizerConfig(**c['optimizer'])\n"
-            "run(TrainConfig(**c))\n"
+            "run(from_dict(TrainConfig, json.loads(sys.argv[1])))\n"
         )
         if metrics:
             Path(cfg["metrics_file"]).unlink(missing_ok=True)
