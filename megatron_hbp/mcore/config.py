@@ -12,6 +12,8 @@ from pathlib import Path
 from megatron_hbp.configio import ConfigError, from_dict, load_yaml
 from megatron_hbp.mcore.batch import LOSS_NORMALIZATIONS
 
+CP_BACKENDS = ("auto", "ulysses", "allgather", "te")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -156,6 +158,11 @@ class TrainConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     attention_backend: str = "auto"
     """'auto', 'te', 'varlen' or 'sdpa' (see megatron_hbp.mcore.attention)."""
+    cp_backend: str = "auto"
+    """Context-parallel attention for CP > 1 steps: 'ulysses' (all-to-all of heads: per-rank work
+    and saved memory exactly 1/c), 'allgather' (K/V all-gather, the reference), 'te' (Transformer
+    Engine's own CP) or 'auto' (te when installed and usable, else ulysses when the heads allow it,
+    else allgather). See docs/cp.md."""
     loss_impl: str = "auto"
     """'megatron' (CE on logits), 'fused' (megatron_hbp.kernels linear + CE, no logits; stable loss
     only) or 'auto' (fused on CUDA with step_token_mean, else megatron)."""
@@ -181,6 +188,8 @@ class TrainConfig:
             raise ConfigError(f"dtype '{self.dtype}': use auto, bf16 or fp32")
         if self.attention_backend not in ("auto", "te", "varlen", "sdpa"):
             raise ConfigError(f"attention_backend '{self.attention_backend}': use auto, te, varlen or sdpa")
+        if self.cp_backend not in CP_BACKENDS:
+            raise ConfigError(f"cp_backend '{self.cp_backend}': use {', '.join(CP_BACKENDS)}")
         if self.loss_impl not in ("auto", "megatron", "fused"):
             raise ConfigError(f"loss_impl '{self.loss_impl}': use auto, megatron or fused")
         if self.loss_impl == "fused" and self.loss_normalization != "step_token_mean":
