@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import torch
 
-from megatron_hbp.cp import shard_for_cp
+from megatron_hbp.cp import cp_attention, shard_for_cp
 from megatron_hbp.cp.ulysses import check_ulysses_heads, kv_heads_per_rank, ulysses_comm_bytes
 from tests.test_cp_attention import make_case, rel_err
 
@@ -117,6 +117,13 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                         rel_err(t.grad, want) if want.abs().max() > 0 else float(t.grad.abs().max())
                     )
                 local_bytes = sum(x.numel() * x.element_size() for x in (q, k, v, out))
+                # the fixed all-gather path on the same shard: what it saves for backward
+                ag_saved = []
+                with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t, ag_saved=ag_saved: ag_saved.append(tuple(t.shape)) or t, lambda t: t
+                ):
+                    ag_out = cp_attention(q, k, v, cu_pad, cu_real, group if c > 1 else None)
+                errs["allgather_vs_ulysses"] = rel_err(ag_out, out) if out.abs().max() > 0 else 0.0
                 ((rows, heads, cu),) = given
                 results[f"{name}_c{c}"] = {
                     "errs": errs,
@@ -129,6 +136,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                     "local_bytes": local_bytes,
                     "local_q_numel": q.numel(),
                     "local_kv_numel": k.numel(),
+                    "allgather_saved": ag_saved,
                 }
         dist.barrier()
     finally:
@@ -156,8 +164,15 @@ def dist4():
     return _spawn(4)
 
 
+def _numel(shape):
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
 def _check(results, c, name):
-    _, _, hq, hkv, _ = next(x for x in CASES if x[0] == name)
+    _, _, hq, hkv, d = next(x for x in CASES if x[0] == name)
     if check_ulysses_heads(hq, hkv, c):
         pytest.skip(f"{hq} heads not divisible by c={c}")
     for rank, res in enumerate(results):
@@ -173,6 +188,10 @@ def _check(results, c, name):
             replicated = len(kv_heads_per_rank(hq, hkv, c)[0]) * c > hkv
             assert replicated or r["saved_bytes"] <= 1.1 * r["local_bytes"], (rank, r["saved"])
             assert all(b <= r["local_q_numel"] * 4 for _, b in r["saved"]), (rank, r["saved"])
+            # the fixed all-gather keeps only its local q, k, v: nothing of T x query-heads elements
+            assert r["allgather_saved"], "all-gather saved nothing: the check would be vacuous"
+            big = [s for s in r["allgather_saved"] if _numel(s) >= r["total_tokens"] * hq * d]
+            assert not big, (rank, r["allgather_saved"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 - :func:`build_cp_groups` — process groups for every CP degree of a plan, built once.
 - :func:`shard_for_cp` / :func:`unshard_from_cp` / :func:`cp_local_indices` /
   :func:`cp_position_ids` — the load-balanced "2·c chunks" split of every document.
-- :func:`cp_attention` — causal attention within documents across a CP group (all-gather K/V).
+- :func:`ulysses_attention` — causal attention within documents across a CP group (Ulysses:
+  all-to-all from token shards to head shards; per-rank work and saved memory exactly 1/c).
+- :func:`cp_attention` — the same result by all-gathering K/V (fallback and reference).
 - :func:`cp_comm_bytes` — bytes sent per rank by that scheme.
 
 No Megatron import here: ``megatron_hbp.mcore`` calls these. See docs/cp.md.
@@ -19,10 +21,20 @@ from megatron_hbp.cp.sharding import (
     unshard_from_cp,
     validate_cp_layout,
 )
+from megatron_hbp.cp.ulysses import (
+    check_ulysses_heads,
+    kv_heads_per_rank,
+    ulysses_attention,
+    ulysses_comm_bytes,
+)
 
 __all__ = [
     "CPGroups",
     "build_cp_groups",
+    "check_ulysses_heads",
+    "kv_heads_per_rank",
+    "ulysses_attention",
+    "ulysses_comm_bytes",
     "cp_attention",
     "cp_attention_local",
     "cp_comm_bytes",

@@ -11,9 +11,12 @@ queries, keys and values of one packed micro-batch. Forward:
    queries. Padding keys (position ≥ the document's real length) are never seen, padding
    queries output zeros.
 
-Backward (autograd): dQ stays local; dK/dV are produced for the whole gathered K/V and
-reduce-scattered back to their owners (the all-gather's adjoint). With ``cp_size == 1``
-nothing is communicated and this is plain packed causal attention.
+Backward: only the local q, k, v are kept from the forward (``_AllGatherAttention``); the
+backward all-gathers K/V again, recomputes the attention and back-propagates: dQ stays local,
+dK/dV are produced for the whole gathered K/V and reduce-scattered back to their owners (the
+all-gather's adjoint). With ``cp_size == 1`` nothing is communicated and this is plain packed
+causal attention. The Ulysses scheme (``megatron_hbp.cp.ulysses``) is the trainer's default;
+this one is the fallback (query heads not divisible by c) and the reference.
 
 Attention math: per document chunk with ``scaled_dot_product_attention`` (CPU, fp32 or any
 dtype; explicit causal mask when queries and keys differ in length), or one call of
@@ -412,9 +415,42 @@ def cp_attention(
     cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
     # Validate before communicating: a bad layout must fail on every rank, not hang one.
     validate_cp_layout(cu_seqlens_padded, cp_size, cp_rank)
-    if cp_size > 1:
-        gathered = gather_from_cp(torch.stack([k, v], 1), cp_group)  # [T, 2, hkv, d], rank-major
-        k, v = gathered[:, 0], gathered[:, 1]
+    if cp_size == 1:
+        return cp_attention_local(
+            q, k, v, cu_seqlens_padded, cu_seqlens, 1, 0, softmax_scale, backend=backend
+        )
+    args = (cu_seqlens_padded, cu_seqlens, cp_group, cp_size, cp_rank, softmax_scale, backend)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AllGatherAttention.apply(q, k, v, *args)
+    return _gathered_attention(q, k, v, *args)
+
+
+def _gathered_attention(q, k, v, cu_padded, cu_real, group, cp_size, cp_rank, scale, backend):
+    gathered = gather_from_cp(torch.stack([k, v], 1), group)  # [T, 2, hkv, d], rank-major
     return cp_attention_local(
-        q, k, v, cu_seqlens_padded, cu_seqlens, cp_size, cp_rank, softmax_scale, backend=backend
+        q, gathered[:, 0], gathered[:, 1], cu_padded, cu_real, cp_size, cp_rank, scale, backend=backend
     )
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    """The all-gather CP attention, keeping only the local q, k, v for backward.
+
+    Forward runs without autograd (the gathered K/V and the kernel's saved tensors are freed with
+    the layer's forward); backward all-gathers K/V again, recomputes the attention with autograd
+    and back-propagates (dK/dV reduce-scattered to their owners). Cost: one more all-gather and
+    one more attention forward per layer; memory: no whole-pack tensor survives the forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, *args):
+        ctx.args = args
+        ctx.save_for_backward(q, k, v)
+        with torch.no_grad():
+            return _gathered_attention(q, k, v, *args)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            out = _gathered_attention(q, k, v, *ctx.args)
+        torch.autograd.backward(out, dout)
+        return (q.grad, k.grad, v.grad) + (None,) * len(ctx.args)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hbp.cp.sharding import _as_tuple, _check_real, _unshard_perm_cpu, validate_cp_layout
+from megatron_hbp.headlayout import check_ulysses_heads, kv_heads_per_rank
 
 __all__ = [
     "check_ulysses_heads",
@@ -53,46 +54,7 @@ _BACKENDS = ("auto", "sdpa", "varlen")
 
 
 # ---------------------------------------------------------------------------------------------
-# Head layout
-
-
-def check_ulysses_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> str | None:
-    """``None`` when Ulysses can run ``num_heads`` query / ``num_kv_heads`` K/V heads (per TP rank)
-    on ``cp_size`` ranks, else the reason (one line, with the fix)."""
-    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-        return f"query heads ({num_heads}) must be a positive multiple of key/value heads ({num_kv_heads})"
-    if num_heads % cp_size:
-        return (
-            f"Ulysses context parallelism splits the {num_heads} query heads per tensor-parallel rank over "
-            f"cp={cp_size} ranks, which needs heads divisible by cp; use cp dividing {num_heads} or "
-            "cp_backend: allgather"
-        )
-    return None
-
-
-@functools.lru_cache(maxsize=64)
-def kv_heads_per_rank(num_heads: int, num_kv_heads: int, cp_size: int) -> tuple[tuple[int, ...], ...]:
-    """The K/V heads each CP rank receives, in the order its query heads read them.
-
-    Rank ``j`` holds query heads ``[j·H/c, (j+1)·H/c)``; the result ``m`` heads per rank is
-    uniform, and query head ``i`` of the rank reads its K/V head ``i // (H/c / m)``.
-    """
-    err = check_ulysses_heads(num_heads, num_kv_heads, cp_size)
-    if err:
-        raise ValueError(err)
-    group = num_heads // num_kv_heads  # query heads per K/V head
-    hq_r = num_heads // cp_size
-    out = []
-    for j in range(cp_size):
-        q_heads = range(j * hq_r, (j + 1) * hq_r)
-        if hq_r % group == 0:  # whole K/V groups on this rank
-            heads = tuple(range(j * hq_r // group, (j + 1) * hq_r // group))
-        elif group % hq_r == 0:  # all of this rank's query heads read one K/V head
-            heads = (j * hq_r // group,)
-        else:  # groups straddle ranks: one K/V copy per query head
-            heads = tuple(h // group for h in q_heads)
-        out.append(heads)
-    return tuple(out)
+# Communication volume
 
 
 def ulysses_comm_bytes(

@@ -19,8 +19,8 @@ Backends (``select_backend``):
   heads expanded for GQA, causal = ``window_size=(-1, 0)``),
 * ``"sdpa"``: PyTorch SDPA per document (CPU and any device; the reference).
 
-When a step's CP degree is > 1 the module calls ``megatron_hbp.cp.cp_attention`` with the
-step's CP group from the packed params, the CPU copies of the global ``cu_seqlens`` (no
+When a step's CP degree is > 1 the module calls ``megatron_hbp.cp.ulysses_attention`` (or the
+all-gather ``cp_attention``, per the packed params' ``cp_impl``) with the step's CP group from the packed params, the CPU copies of the global ``cu_seqlens`` (no
 device-to-host sync) and the configured backend (``te`` -> ``auto``, see ``cp_seam.cp_backend``).
 """
 
@@ -56,6 +56,9 @@ class HBPPackedSeqParams(PackedSeqParams):
     """int32 ``[n+1]`` global real boundaries on the CPU (CP attention reads them without a sync)."""
     cu_seqlens_padded_cpu: torch.Tensor | None = None
     """int32 ``[n+1]`` global padded boundaries on the CPU."""
+    cp_impl: str = "ulysses"
+    """CP attention of steps with ``local_cp_size > 1``: ``ulysses`` or ``allgather`` (the trainer's
+    resolved ``cp_backend``, ``megatron_hbp.mcore.cp_seam.resolve_cp_impl``)."""
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,7 @@ class PackedCoreAttention(MegatronModule):
                 p.cp_group,
                 softmax_scale=self.softmax_scale,
                 backend=self.requested_backend,
+                cp_impl=p.cp_impl,
             )
         else:
             out = packed_attention(

@@ -204,8 +204,11 @@ def build_packed_batch(
     )
 
 
-def to_model_inputs(batch: PackedBatch, device: torch.device | str, cp_group=None) -> dict:
-    """Device tensors with a batch dimension of 1 and the ``HBPPackedSeqParams`` for the model."""
+def to_model_inputs(
+    batch: PackedBatch, device: torch.device | str, cp_group=None, cp_impl: str = "ulysses"
+) -> dict:
+    """Device tensors with a batch dimension of 1 and the ``HBPPackedSeqParams`` for the model
+    (``cp_impl``: the CP attention of a CP > 1 batch, ``ulysses`` or ``allgather``)."""
     from megatron_hbp.mcore.attention import HBPPackedSeqParams
 
     def dev(x):
@@ -230,6 +233,7 @@ def to_model_inputs(batch: PackedBatch, device: torch.device | str, cp_group=Non
         lengths_host=list(batch.lengths),
         cu_seqlens_cpu=batch.cu_seqlens,
         cu_seqlens_padded_cpu=batch.cu_seqlens_padded,
+        cp_impl=cp_impl,
     )
     return {
         "tokens": dev(batch.tokens)[None],

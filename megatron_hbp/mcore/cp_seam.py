@@ -62,9 +62,61 @@ def cp_backend(attention_backend: str) -> str:
     raise ValueError(f"attention backend '{attention_backend}' unknown; choose auto, te, varlen or sdpa")
 
 
-def cp_attention(q, k, v, cu_seqlens_padded, cu_seqlens, cp_group, softmax_scale=None, *, backend="auto"):
-    """``megatron_hbp.cp.cp_attention`` with the trainer's ``attention_backend`` (see :func:`cp_backend`)."""
-    from megatron_hbp.cp import cp_attention as _attn
+def resolve_cp_impl(
+    requested: str,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    tp: int,
+    degrees,
+    te_available: bool,
+) -> tuple[str, str]:
+    """The CP attention the trainer runs for ``cp_backend: requested`` (pure; testable without CUDA).
+
+    Returns ``(impl, why)`` with ``impl`` in ``ulysses`` / ``allgather``. ``auto``: Ulysses when the
+    query heads per TP rank divide by every CP degree of the plan, else all-gather (Transformer
+    Engine's own CP attention is not wired into the per-step CP groups, so ``auto`` never picks it).
+    An explicit choice that cannot run raises ``ValueError`` with a one-line message naming the key.
+    """
+    from megatron_hbp.cp.ulysses import check_ulysses_heads
+
+    cps = sorted({int(c) for c in degrees if int(c) > 1})
+    hq, hkv = num_heads // tp, num_kv_heads // tp
+    bad = next(((c, err) for c in cps if (err := check_ulysses_heads(hq, hkv, c))), None)
+    if requested == "te":
+        raise ValueError(
+            "cp_backend 'te': Transformer Engine's context-parallel attention is not available "
+            + (
+                "(not wired into HBP's per-step CP groups yet)"
+                if te_available
+                else "(transformer_engine is not installed)"
+            )
+            + "; use cp_backend: ulysses (or auto)"
+        )
+    if requested == "ulysses":
+        if bad is not None:
+            raise ValueError(f"cp_backend 'ulysses': {bad[1]}")
+        return "ulysses", "requested"
+    if requested == "allgather":
+        return "allgather", "requested"
+    if requested != "auto":
+        raise ValueError(f"cp_backend '{requested}' unknown; choose auto, ulysses, allgather or te")
+    if bad is not None:
+        return "allgather", f"auto: {hq} query heads per TP rank are not divisible by cp={bad[0]}"
+    return "ulysses", "auto"
+
+
+def cp_attention(
+    q, k, v, cu_seqlens_padded, cu_seqlens, cp_group, softmax_scale=None, *, backend="auto", cp_impl="ulysses"
+):
+    """``megatron_hbp.cp``'s ``ulysses_attention`` or all-gather ``cp_attention`` (``cp_impl``) with
+    the trainer's ``attention_backend`` (see :func:`cp_backend`)."""
+    if cp_impl == "ulysses":
+        from megatron_hbp.cp import ulysses_attention as _attn
+    elif cp_impl == "allgather":
+        from megatron_hbp.cp import cp_attention as _attn
+    else:
+        raise ValueError(f"cp_impl '{cp_impl}' unknown; use ulysses or allgather")
 
     return _attn(
         q,
