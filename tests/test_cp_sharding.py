@@ -178,16 +178,16 @@ def test_comm_bytes_by_hand():
     # 4096 tokens, cp 2: 2048 local tokens; K+V of 8 heads x 128 in bf16 = 2*2048*8*128*2 = 8 MiB.
     block = 2 * 2048 * 8 * 128 * 2
     assert block == 8 * 2**20
-    # One layer: all-gather (1 block sent) + reduce-scatter (1 block).
-    assert cp_comm_bytes(4096, 8, 128, 2) == 2 * block
+    # One layer: all-gather (1 block sent), in backward all-gather again + reduce-scatter (2 blocks).
+    assert cp_comm_bytes(4096, 8, 128, 2) == 3 * block
     assert cp_comm_bytes(4096, 8, 128, 2, backward=False) == block
     # cp 4: each rank sends 3 blocks of 1024 tokens per collective.
-    assert cp_comm_bytes(4096, 8, 128, 4) == 2 * 3 * (block // 2)
-    # 32 layers, 8 of them recomputed: 32 + 8 all-gathers and 32 reduce-scatters.
-    assert cp_comm_bytes(4096, 8, 128, 2, num_layers=32, recompute_layers=8) == 72 * block
+    assert cp_comm_bytes(4096, 8, 128, 4) == 3 * 3 * (block // 2)
+    # 32 layers, 8 of them recomputed: 32 + 8 + 32 all-gathers and 32 reduce-scatters.
+    assert cp_comm_bytes(4096, 8, 128, 2, num_layers=32, recompute_layers=8) == 104 * block
     assert cp_comm_bytes(4096, 8, 128, 1, num_layers=32) == 0
     # More recomputed layers than the stage holds: every layer is recomputed once (Megatron's "block").
-    assert cp_comm_bytes(4096, 8, 128, 2, num_layers=16, recompute_layers=28) == 48 * block
+    assert cp_comm_bytes(4096, 8, 128, 2, num_layers=16, recompute_layers=28) == 64 * block
 
 
 def test_comm_bytes_bad_input():

@@ -77,12 +77,18 @@ def test_memory_estimate_by_hand():
     assert m2.activations == pytest.approx(t * (2 * 128 + full + 3 * 128), rel=1e-12)
     # distributed optimizer: the 12 B/param states sharded over the 2 DP x CP ranks
     assert _tiny_cm(distributed_optimizer=True).memory(t, 1, 0).optimizer == pytest.approx(6 * p)
-    # CP 2 through megatron_hbp.cp (allgather): 500 local tokens; the kernel keeps (c - 1/2) more
-    # expanded K/V (1.5 x 2 x 2 x 64) and a second output copy (2 x 64); transient gathered K/V + grads
+    # CP 2 through megatron_hbp.cp's Ulysses (the default): 500 local tokens; the kernel saves q, the
+    # expanded K/V and its output over 2 of the 4 heads of all 1000 tokens (= the local sizes) and
+    # the output projection saves the local output again (+ 2 x 64); transient: 3 copies of the
+    # local q|k|v (64 + 2 x 2 x 16 values, 1 K/V head per rank) in bf16
     mc = _tiny_cm().memory(t, 2, 0)
-    full_cp = full + 1.5 * 2 * 2 * 64 + 2 * 64
+    full_cp = full + 2 * 64
     assert mc.activations == pytest.approx(500 * (2 * full_cp + 3 * 128), rel=1e-12)
-    assert mc.cp_buffers == pytest.approx(2 * t * 2 * 32 * 2)
+    assert mc.cp_buffers == pytest.approx(3 * 500 * (64 + 2 * 2 * 16) * 2)
+    # the all-gather fallback keeps the local q, k, v (unexpanded) and the output: 2 x (64 + 2 x 32 + 64)
+    mg = _tiny_cm(cp_impl="allgather").memory(t, 2, 0)
+    assert mg.activations == pytest.approx(500 * (2 * (full - 528 + 2 * (64 + 64 + 64)) + 3 * 128), rel=1e-12)
+    assert mg.cp_buffers == pytest.approx(2 * t * 2 * 32 * 2)
     # te keeps K/V at 2 groups: 2 x (2 x 64 + 2 x 32) + 16 instead of 528 bytes
     assert _tiny_cm(attention_backend="te").memory(t, 1, 0).activations == pytest.approx(
         t * (2 * (full - 528 + 2 * (2 * 64 + 2 * 32) + 16) + 384), rel=1e-12
@@ -96,12 +102,16 @@ def test_trainer_cost_model_knobs_match_costmodel():
     m8 = load_model_config("llama3_1_8b")
     common = dict(
         distributed_optimizer=True, rope_impl="unfused", swiglu_impl="unfused", rmsnorm_impl="unfused",
-        cp_impl="allgather", grad_bytes=4, activation_bytes=2,
+        grad_bytes=4, activation_bytes=2,
     )  # fmt: skip
-    ref = CostModel(m8, "h100_sxm", num_gpus=32, setup=TrainingSetup(attention_expand_kv=True, **common))
-    got = trainer_cost_model(m8, world=32, attention_backend="varlen", distributed_optimizer=True)
-    for T, c, k in ((16384, 1, 28), (131072, 8, 0), (131072, 8, 32)):
-        assert got.memory(T, c, k) == ref.memory(T, c, k)
+    for impl in ("ulysses", "allgather"):
+        ref = CostModel(
+            m8, "h100_sxm", num_gpus=32, setup=TrainingSetup(attention_expand_kv=True, cp_impl=impl, **common)
+        )
+        kw = {} if impl == "ulysses" else {"cp_impl": impl}  # ulysses: the trainer's default
+        got = trainer_cost_model(m8, world=32, attention_backend="varlen", distributed_optimizer=True, **kw)
+        for T, c, k in ((16384, 1, 28), (131072, 8, 0), (131072, 8, 32)):
+            assert got.memory(T, c, k) == ref.memory(T, c, k)
     assert got.setup.memory_reserve_gib == TrainingSetup().memory_reserve_gib
     sd = trainer_cost_model(m8, world=32, attention_backend="sdpa", bf16=False, fused_loss=False)
     assert (sd.setup.attention_impl, sd.setup.activation_bytes, sd.setup.fused_loss) == ("math", 4, False)
@@ -109,10 +119,13 @@ def test_trainer_cost_model_knobs_match_costmodel():
     pp = trainer_cost_model(m8, world=32, pp=4, distributed_optimizer=True)
     assert pp.model.num_layers == 8 and pp.dp_cp_ranks == 8
     # 8B, 16K tokens per GPU: 28 recomputed layers leave the trainer's unfused path over an 80 GB H100
-    # (79.6 GiB), 31 fit; 128K over CP 8 needs every layer recomputed with varlen's expanded K/V
+    # (79.6 GiB), 31 fit; 128K over CP 8 as well (until the all-gather path kept only the local q, k, v
+    # it needed all 32 layers recomputed); Ulysses keeps the same per-rank tensors plus one output copy
     assert got.min_recompute_layers(16384, 1) == 31
     assert got.memory(16384, 1, 28).total > 79.6 * GIB > got.memory(16384, 1, 31).total
-    assert got.min_recompute_layers(131072, 8) == 32
+    assert got.min_recompute_layers(131072, 8) == 31
+    uly = trainer_cost_model(m8, world=32, attention_backend="varlen", distributed_optimizer=True)
+    assert uly.min_recompute_layers(131072, 8) == 31
 
 
 def test_hardware_for_device():
@@ -224,9 +237,9 @@ def test_describe_prints_cp_impl_and_changed_knobs():
     plain = describe(CostModel("tiny"))
     assert "CP ring; other setup at defaults" in plain
     trainer = describe(_tiny_cm())
-    assert "CP allgather; non-default setup: memory_reserve_gib" not in trainer  # reserve printed on its own
+    assert "CP ulysses; non-default setup: memory_reserve_gib" not in trainer  # reserve printed on its own
     assert trainer.endswith(
-        "CP allgather; non-default setup: attention_expand_kv=True, rope_impl=unfused, swiglu_impl=unfused, "
+        "CP ulysses; non-default setup: attention_expand_kv=True, rope_impl=unfused, swiglu_impl=unfused, "
         "rmsnorm_impl=unfused"
     ), trainer
     assert "reserve 0.0 GiB" in trainer and "distributed optimizer False" in trainer

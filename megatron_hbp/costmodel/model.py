@@ -41,17 +41,26 @@ implementation (``TrainingSetup.cp_impl``):
               forward sends K/V around the ring (B); backward sends K/V around again together
               with the partial dK/dV (2B); a recomputed layer repeats its forward (B):
               (3 L + k) B per micro-batch.
-    allgather (``megatron_hbp.cp``, what this repository's trainer runs, ``cp/comm.py``):
-              one all-gather of K/V per forward (B, again for a recomputed layer) and one
-              reduce-scatter of dK/dV per backward (B): (2 L + k) B per micro-batch, equal to
-              ``megatron_hbp.cp.cp_comm_bytes(T_p, g / t, d, c, num_layers=L,
-              recompute_layers=k, dtype_bytes=b)`` (tests/test_costmodel_cp.py).
+    allgather (``megatron_hbp.cp.cp_attention``, the trainer's fallback, ``cp/comm.py``):
+              one all-gather of K/V per forward (B, again for a recomputed layer), and in
+              backward a second all-gather (the forward keeps only the local K/V and the
+              attention is recomputed) plus the reduce-scatter of dK/dV (2B): (3 L + k) B per
+              micro-batch, equal to ``megatron_hbp.cp.cp_comm_bytes`` (tests/test_costmodel_cp.py).
+              Attention compute: one more forward per layer (the recompute).
+    ulysses   (``megatron_hbp.cp.ulysses``, the trainer's default): per layer and forward one
+              all-to-all of q|k|v and one of the output, per backward the same for the
+              gradients; each sends (c-1)/c of the local tensor:
+              U = (c-1)/c (T_p / c) (2 q / t + 2 m c d) b per pass, (2 L + k) U per micro-batch
+              (m = K/V heads a rank receives, ``megatron_hbp.headlayout.kv_heads_per_rank``; m c =
+              g / t unless K/V heads are replicated), equal to ``megatron_hbp.cp.ulysses_comm_bytes``.
+              Attention compute: every rank runs whole documents on a / c heads, so its pairs are
+              exactly the pack's total / c whatever the document mix (no zigzag imbalance).
 
 Bandwidth: NVLink when the CP group fits in a node (c t <= GPUs per node), else the inter-node
 network, times its efficiency. ring with overlap (TE pipelines ring steps with attention blocks):
 only max(0, comm - attention compute) of each layer phase is exposed; ring without overlap and
-allgather (a blocking collective before / after the attention kernel, nothing to hide behind)
-expose all of it.
+allgather and ulysses (blocking collectives before / after the attention kernel, nothing to
+hide behind) expose all of it.
 
 Data-parallel gradient reduction, once per step, over the n = GPUs / t ranks that hold the
 same weights (DP x CP): distributed optimizer = reduce-scatter of g-byte gradients plus
@@ -85,7 +94,8 @@ scores are never stored:
                    logits chunk, computed in the forward and held until the loss backward, i.e.
                    at the activation peak (chunk: ``fused_loss_chunk_tokens``, the kernel's 512)
     CP buffers   = 2 T_p 2 kv 2 / t  (transient gathered K/V and their gradients of the layer
-                   being computed) when c > 1, either ``cp_impl``
+                   being computed) when c > 1 with ``ring`` / ``allgather``; with ``ulysses``
+                   3 (T_p / c) (q / t + 2 m c d) b (send, receive and permuted copies of q|k|v)
     total        = static + activations + loss + CP buffers + memory_reserve_gib
 
 Implementation knobs (``TrainingSetup``) change the full-layer term to what another code path
@@ -126,9 +136,13 @@ torch 2.13, fp32 and bf16; tests/test_costmodel_memory.py):
         local [T, a, d] layout, as the output projection's input: + b q / t. Altogether, per
         local token of a non-recomputed layer,
             + (c - 1/2) 2 kv b / t  (2 q instead of 2 kv when K/V are expanded)  +  b q / t.
-        The int64 index tensors (< 8 B per token, cached and shared by all layers) and the
-        transient full-pack gather (freed after the layer's forward) are not counted. ``ring``
-        keeps only the local K/V: the flash term as it is.
+        That was the all-gather path until 2026-12-06; it now keeps only the local q, k, v (the
+        backward re-gathers K/V and recomputes the attention): the flash term with unexpanded
+        K/V (2 kv), without the LSE. ``ring`` keeps only the local K/V: the flash term as it is.
+    cp_impl = "ulysses" with c > 1: the kernel saves q, k, v, output and LSE of a / c heads
+        over the whole pack, i.e. per local token q, k_r, v_r, out (k_r = m c d: the K/V heads
+        the rank receives, = kv / t unless replicated; 2 q / t when the varlen kernel expands
+        K/V) and the local output is saved again by the output projection (b q / t more).
 
 The fewest recomputed layers that fit (GreedyProfileCkpt, computed): memory is linear in k
 after the first recomputed layer, so k* = ceil((M(0) + full - budget) / (full - checkpointed)),
@@ -147,6 +161,7 @@ import numpy as np
 
 from megatron_hbp.configio import ConfigError
 from megatron_hbp.costmodel.hardware import HardwareProfile, load_hardware
+from megatron_hbp.headlayout import kv_heads_per_rank
 from megatron_hbp.model_config import ModelConfig, load_model_config
 
 GIB = 2**30
@@ -246,11 +261,13 @@ class TrainingSetup:
     """Context-parallel attention of steps with CP > 1: ``ring`` (Transformer Engine's ring
     attention, the GPU-cluster path: K/V sent around the ring in forward, again with dK/dV in
     backward, (3 L + k) units per micro-batch, overlapped with attention when
-    ``overlap_cp_comm``; each layer keeps only its local K/V) or ``allgather`` (``megatron_hbp.cp``,
-    what this repository's trainer runs: one all-gather of K/V per forward, one reduce-scatter of
-    dK/dV per backward, (2 L + k) units, equal to the trainer's logged ``cp_comm_bytes_per_rank``,
-    never overlapped; every non-recomputed layer keeps the gathered K/V its queries attend,
-    (1 + 1/2c) of the whole pack, and a second copy of the attention output). No effect at CP 1."""
+    ``overlap_cp_comm``; each layer keeps only its local K/V), ``allgather`` (``megatron_hbp.cp``'s
+    fallback: one all-gather of K/V per forward, another plus a reduce-scatter of dK/dV per
+    backward (the attention is recomputed there), (3 L + k) units, equal to the trainer's logged
+    ``cp_comm_bytes_per_rank``, never overlapped; keeps only the local q, k, v) or ``ulysses``
+    (``megatron_hbp.cp.ulysses``, the trainer's default: all-to-all of q|k|v and of the output,
+    forward and backward, never overlapped; per-rank attention exactly 1/c of the pack; saved
+    tensors local-sized). No effect at CP 1."""
 
     def __post_init__(self):
         if self.tensor_parallel < 1:
@@ -264,7 +281,7 @@ class TrainingSetup:
             ("rope_impl", ("fused", "unfused")),
             ("swiglu_impl", ("fused", "unfused")),
             ("rmsnorm_impl", ("fused", "unfused")),
-            ("cp_impl", ("ring", "allgather")),
+            ("cp_impl", ("ring", "allgather", "ulysses")),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -440,13 +457,28 @@ class CostModel:
         return (cp - 1) * local * (2 * self.kv_dim * b) / t
 
     def cp_comm_units(self, recompute_layers: int = 0) -> int:
-        """How many B (``cp_bytes_per_layer``) one micro-batch moves: 3 L + k for ``ring``
-        (forward K/V; backward K/V and dK/dV; recomputed forwards), 2 L + k for ``allgather``
-        (all-gather per forward, reduce-scatter per backward)."""
+        """How many per-layer-and-pass units one micro-batch moves: 3 L + k for ``ring`` (forward
+        K/V; backward K/V and dK/dV; recomputed forwards) and ``allgather`` (all-gather per forward,
+        all-gather + reduce-scatter per backward), 2 L + k for ``ulysses`` (its unit,
+        ``ulysses_bytes_per_layer``, is one pass's all-to-alls)."""
         L, k = self.model.num_layers, int(recompute_layers)
         if not 0 <= k <= L:
             raise ValueError(f"recompute_layers must be in [0, {L}], got {k}")
-        return (3 if self.setup.cp_impl == "ring" else 2) * L + k
+        return (2 if self.setup.cp_impl == "ulysses" else 3) * L + k
+
+    def ulysses_kv_heads(self, cp: int) -> int:
+        """K/V heads one rank receives under Ulysses, times ``cp`` (= g / t unless replicated)."""
+        t = self.setup.tensor_parallel
+        a, g = self.model.num_attention_heads // t, self.model.num_query_groups // t
+        return len(kv_heads_per_rank(a, g, cp)[0]) * cp
+
+    def ulysses_bytes_per_layer(self, pack_tokens, cp: int):
+        """U: bytes one rank sends per layer and pass under Ulysses: (c-1)/c of its local q|k|v
+        and output, ``(c-1)/c (T_p / c) (2 q / t + 2 m c d) b``."""
+        t, b = self.setup.tensor_parallel, self.setup.activation_bytes
+        local = np.asarray(pack_tokens, dtype=np.float64) / cp
+        width = 2 * self.q_dim / t + 2 * self.ulysses_kv_heads(cp) * self.model.head_dim
+        return (cp - 1) / cp * local * width * b
 
     def cp_comm_bytes_per_rank(self, pack_tokens, cp: int, recompute_layers: int = 0):
         """Bytes one CP rank sends for CP attention on micro-batches of ``pack_tokens`` padded
@@ -454,6 +486,8 @@ class CostModel:
         With ``cp_impl="allgather"`` this is what the trainer logs as ``cp_comm_bytes_per_rank``."""
         if cp == 1:
             return np.zeros_like(np.asarray(pack_tokens, dtype=np.float64))
+        if self.setup.cp_impl == "ulysses":
+            return self.ulysses_bytes_per_layer(pack_tokens, cp) * self.cp_comm_units(recompute_layers)
         return self.cp_bytes_per_layer(pack_tokens, cp) * self.cp_comm_units(recompute_layers)
 
     def dp_comm_bytes(self) -> float:
@@ -489,7 +523,13 @@ class CostModel:
         peak = self.hardware.peak_flops
         cp_eff = self.efficiency.cp_compute_efficiency if cp > 1 else 1.0
         dense = self.dense_flops(pack_tokens / cp, recompute_layers) / peak / cp_eff
-        attention = self.attention_flops(pairs.max(axis=1), recompute_layers) / peak / cp_eff
+        pairs = self.rank_pairs(pairs, cp)
+        attention = (
+            self.attention_flops(pairs.max(axis=1), recompute_layers)
+            * self.cp_attention_factor(cp, recompute_layers)
+            / peak
+            / cp_eff
+        )
         bw, _ = self._link(cp * self.setup.tensor_parallel)
         comm = self.cp_comm_bytes_per_rank(pack_tokens, cp, recompute_layers) / bw
         return TimeComponents(dense=dense, attention=attention, comm=comm)
@@ -517,12 +557,31 @@ class CostModel:
         weight_bytes = self.params_local * (12.0 + 2.0 * k / L)
         t_weights = weight_bytes / (hw.hbm_gb_per_s * 1e9 * e.hbm_efficiency)
         t_dense = np.maximum(t_dense_flops, t_weights)
-        t_attn = self.attention_flops(pairs, k) / (peak * e.attention_mfu)  # [M, cp]
+        pairs = self.rank_pairs(pairs, cp)
+        t_attn = self.attention_flops(pairs, k) * self.cp_attention_factor(cp, k) / (peak * e.attention_mfu)
         compute = (t_dense[:, None] + t_attn).max(axis=1)
         if cp > 1:
             compute = compute / e.cp_compute_efficiency
         comm = self.cp_exposed_time(pack_tokens, t_attn.mean(axis=1), cp, k)
         return compute, comm
+
+    def rank_pairs(self, pairs, cp: int) -> np.ndarray:
+        """Causal pairs each CP rank's attention computes, ``[M, cp]``, from the zigzag split's
+        ``pairs``: as given for ``ring`` / ``allgather``; the mean for ``ulysses`` (whole
+        documents on a / c heads: exactly the total / c on every rank)."""
+        pairs = np.asarray(pairs, dtype=np.float64)
+        if cp > 1 and self.setup.cp_impl == "ulysses":
+            return np.broadcast_to(pairs.mean(axis=1, keepdims=True), pairs.shape)
+        return pairs
+
+    def cp_attention_factor(self, cp: int, recompute_layers: int = 0) -> float:
+        """Attention compute relative to ``attention_flops``: ``allgather`` recomputes every layer's
+        attention forward in backward (it keeps only the local K/V); 1 otherwise."""
+        if cp == 1 or self.setup.cp_impl != "allgather":
+            return 1.0
+        L, k = self.model.num_layers, recompute_layers
+        bwd = self.setup.attention_backward_factor
+        return ((2 + bwd) * L + k) / ((1 + bwd) * L + k)
 
     def cp_exposed_time(self, pack_tokens, attention_time, cp: int, recompute_layers: int = 0) -> np.ndarray:
         """Seconds of CP communication not hidden behind attention, per micro-batch: [M].
@@ -533,10 +592,10 @@ class CostModel:
             return np.zeros_like(pack_tokens)
         L, k = self.model.num_layers, recompute_layers
         bw, eff = self._link(cp * self.setup.tensor_parallel)
+        if not self.setup.overlap_cp_comm or self.setup.cp_impl in ("allgather", "ulysses"):
+            # megatron_hbp.cp's collectives block the layer: nothing hides them
+            return self.cp_comm_bytes_per_rank(pack_tokens, cp, k) / (bw * eff)
         unit = self.cp_bytes_per_layer(pack_tokens, cp) / (bw * eff)  # one layer, one pass
-        if not self.setup.overlap_cp_comm or self.setup.cp_impl == "allgather":
-            # megatron_hbp.cp's all-gather / reduce-scatter block the layer: nothing hides them
-            return unit * self.cp_comm_units(k)
         bwd = self.setup.attention_backward_factor
         fwd_attn = np.asarray(attention_time, dtype=np.float64) / ((1 + bwd) * L + k)  # one layer forward
         exposed = L * np.maximum(0.0, unit - fwd_attn)
@@ -589,11 +648,15 @@ class CostModel:
             v_saved = q + 2 * kv if (a == m.num_query_groups and b == 4) else q
             return 4.0 * (2 * q + v_saved) / t + b * q / t  # fp32 q, K^T, V; output
         k_v = 2 * q if st.attention_expand_kv else 2 * kv
-        total = b * (2 * q + k_v) / t + 4.0 * a / t  # q, k, v, output; fp32 LSE
         if cp > 1 and st.cp_impl == "allgather":
-            # K/V rows of (1 + 1/2c) T_p keys instead of T_p / c; the output kept twice
-            total += (cp - 0.5) * b * k_v / t + b * q / t
-        return total
+            # the local q, k, v (unexpanded) and the output projection's input; nothing else
+            return b * (2 * q + 2 * kv) / t
+        if cp > 1 and st.cp_impl == "ulysses":
+            # the kernel's q, k_r, v_r, output and LSE on a / c heads over T_p tokens (= local size;
+            # k_r = the K/V heads received, replicated when c > K/V heads) + the local output again
+            k_r = 2 * q / t if st.attention_expand_kv else 2 * self.ulysses_kv_heads(cp) * m.head_dim
+            return b * (3 * q / t + k_r) + 4.0 * a / t
+        return b * (2 * q + k_v) / t + 4.0 * a / t  # q, k, v, output; fp32 LSE
 
     def full_layer_bytes_per_sq_length(self) -> float:
         """Activation bytes of one non-recomputed layer per unit of sum over documents of l^2 (per
@@ -660,7 +723,13 @@ class CostModel:
             loss = b * (V * h / t + T * h + min(T, self.setup.fused_loss_chunk_tokens) * V / t)
         else:
             loss = UNFUSED_LOSS_BYTES_PER_LOGIT * T * V / t
-        cp_buf = 2.0 * pack_tokens * 2 * self.kv_dim * 2 / t if cp > 1 else 0.0
+        if cp == 1:
+            cp_buf = 0.0
+        elif self.setup.cp_impl == "ulysses":  # send, receive and permuted copies of q|k|v
+            b = float(self.setup.activation_bytes)
+            cp_buf = 3.0 * T * (self.q_dim / t + 2 * self.ulysses_kv_heads(cp) * self.model.head_dim) * b
+        else:  # gathered K/V and their gradients
+            cp_buf = 2.0 * pack_tokens * 2 * self.kv_dim * 2 / t
         w, g, o = self.static_bytes()
         return MemoryBreakdown(w, g, o, act, loss, cp_buf, self.setup.memory_reserve_gib * GIB)
 

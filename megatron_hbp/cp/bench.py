@@ -7,8 +7,15 @@ Rows (forward + backward, median over ``--iters`` after warm-up, CUDA events on 
 * ``cp_attention c=1``: our entry point with ``cp_size == 1`` on the same unpadded stream (the
   overhead of our wrapper: validation, cached index plan);
 * ``cp_attention c=1 padded``: documents padded to a multiple of 16 (the index path);
-* ``cp rank work c=N``: the attention math of ONE CP rank of degree N (``cp_attention_local``
-  on the gathered K/V) — per-rank compute next to the CP-1 row; communication is not timed.
+* ``allgather rank c=N``: the attention math of ONE CP rank of degree N on the all-gather path
+  (``cp_attention_local`` on the gathered K/V) — per-rank compute next to the CP-1 row;
+* ``ulysses rank c=N``: ONE rank of the Ulysses path (``megatron_hbp.cp.ulysses``): the fused
+  q|k|v send buffer, the zigzag -> document permutation, whole-document attention on H/c heads,
+  the inverse permutation; the all-to-all is replaced by a same-size local copy (it needs
+  several GPUs): its bytes per rank are printed instead.
+
+The ``vs first`` column divides by the first row (the whole c = 1 attention); CUDA rows also
+print ``max_memory_allocated`` above the inputs (MiB).
 
 On CPU (``--cpu-smoke``) tiny shapes and the SDPA backend check that the script runs. It
 prints a table and never asserts.
@@ -60,6 +67,17 @@ def _time(fn, iters: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _measure(fn, iters: int, device: torch.device) -> tuple[float, float]:
+    """(median ms, peak MiB allocated above what was allocated before; 0 on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    ms = _time(fn, iters, device)
+    mib = (torch.cuda.max_memory_allocated() - before) / 2**20 if device.type == "cuda" else 0.0
+    return ms, mib
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m megatron_hbp.cp.bench",
@@ -79,6 +97,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megatron_hbp.cp import cp_attention, cp_attention_local, shard_for_cp
+    from megatron_hbp.cp import ulysses as uly
     from megatron_hbp.cp.attention import _varlen_fn
 
     if args.cpu_smoke:
@@ -121,16 +140,18 @@ def main(argv=None) -> int:
             kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             return fn(q, kk, vv, cu_dev, cu_dev, mx, mx, window_size=(-1, 0))
 
-        rows.append(("varlen (baseline)", _time(fwd_bwd(base), args.iters, device)))
+        rows.append(("varlen (baseline)", *_measure(fwd_bwd(base), args.iters, device)))
     rows.append(
         (
             "cp_attention c=1",
-            _time(fwd_bwd(lambda: cp_attention(q, k, v, cu, cu, None, backend=backend)), args.iters, device),
+            *_measure(
+                fwd_bwd(lambda: cp_attention(q, k, v, cu, cu, None, backend=backend)), args.iters, device
+            ),
         )
     )
     if backend == "varlen":
         # the baseline once more: the spread of the two baseline rows is the timing noise
-        rows.append(("varlen (baseline, again)", _time(fwd_bwd(base), args.iters, device)))
+        rows.append(("varlen (baseline, again)", *_measure(fwd_bwd(base), args.iters, device)))
         with torch.no_grad():
             diff = (base() - cp_attention(q, k, v, cu, cu, None, backend=backend)).abs().max().item()
         print(f"max |cp_attention c=1 - varlen| = {diff:.3e}")
@@ -149,7 +170,7 @@ def main(argv=None) -> int:
         out.backward(dpad)
         qp.grad = kp.grad = vp.grad = None
 
-    rows.append(("cp_attention c=1 padded", _time(padded, args.iters, device)))
+    rows.append(("cp_attention c=1 padded", *_measure(padded, args.iters, device)))
 
     for c in args.cp:
         step = 2 * c
@@ -165,15 +186,51 @@ def main(argv=None) -> int:
             out.backward(d_local)
             q_local.grad = kc.grad = vc.grad = None
 
-        rows.append((f"cp rank work c={c}", _time(rank_work, args.iters, device)))
+        rows.append((f"allgather rank c={c}", *_measure(rank_work, args.iters, device)))
+
+        if args.heads % c:
+            print(f"ulysses c={c}: {args.heads} heads not divisible by {c}: skipped")
+            continue
+        k_local = shard_for_cp(kc.detach(), cu_c, c, 0).requires_grad_()
+        v_local = shard_for_cp(vc.detach(), cu_c, c, 0).requires_grad_()
+        lay = uly._layout_on(tuple(cu_c), tuple(cu), c, device)
+        kv_idx = torch.tensor(uly.kv_heads_per_rank(args.heads, args.kv_heads, c), device=device)
+        scale = args.head_dim**-0.5
+
+        def ulysses_rank(
+            c=c,
+            q_local=q_local,
+            k_local=k_local,
+            v_local=v_local,
+            lay=lay,
+            kv_idx=kv_idx,
+            d_local=d_local,
+            scale=scale,
+        ):
+            qg, kg, vg = uly._SeqToHead.apply(q_local, k_local, v_local, None, c, kv_idx, lay)
+            out = uly._HeadToSeq.apply(uly._attend(qg, kg, vg, lay, scale, backend), None, c, lay)
+            out.backward(d_local)
+            q_local.grad = k_local.grad = v_local.grad = None
+
+        real_a2a = uly._all_to_all
+        uly._all_to_all = lambda x, group: torch.empty_like(x).copy_(x)  # same-size local copy
+        try:
+            rows.append((f"ulysses rank c={c}", *_measure(ulysses_rank, args.iters, device)))
+        finally:
+            uly._all_to_all = real_a2a
+        sent = uly.ulysses_comm_bytes(cu_c[-1], args.heads, args.kv_heads, args.head_dim, c,
+                                      dtype_bytes=torch.finfo(dtype).bits // 8)  # fmt: skip
+        print(
+            f"ulysses c={c}: one layer fwd+bwd sends {sent / 2**20:.1f} MiB per rank (all-to-alls, not timed)"
+        )
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {name}, T={t}, docs={args.docs}, heads {args.heads}/{args.kv_heads}, d={args.head_dim}, "
           f"{args.dtype}, backend {backend}, fwd+bwd median of {args.iters}")  # fmt: skip
     base_ms = rows[0][1]
-    print(f"{'row':28s} {'ms':>9s} {'vs first':>9s}")
-    for label, ms in rows:
-        print(f"{label:28s} {ms:9.3f} {ms / base_ms:9.3f}")
+    print(f"{'row':28s} {'ms':>9s} {'vs first':>9s} {'peak MiB':>9s}")
+    for label, ms, mib in rows:
+        print(f"{label:28s} {ms:9.3f} {ms / base_ms:9.3f} {mib:9.1f}")
     return 0
 
 

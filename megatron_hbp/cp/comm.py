@@ -2,7 +2,7 @@
 
 Scheme (:func:`~megatron_hbp.cp.attention.cp_attention`): per attention layer and
 micro-batch, the forward pass all-gathers K and V of the CP group, the backward pass
-reduce-scatters dK and dV. With bandwidth-optimal (ring) collectives every rank sends
+all-gathers them again (the forward keeps only the local shard) and reduce-scatters dK and dV. With bandwidth-optimal (ring) collectives every rank sends
 ``(c − 1)`` blocks of its local K+V size per collective:
 
     block  = 2 (K and V) · t_local · h_kv · d · bytes_per_element,   t_local = T_padded / c
@@ -61,5 +61,7 @@ def cp_comm_bytes(
     if cp_size == 1:
         return 0
     block = 2 * (num_tokens // cp_size) * num_kv_heads * head_dim * dtype_bytes
-    passes = num_layers + min(recompute_layers, num_layers) + (num_layers if backward else 0)
+    # backward: the forward kept only the local K/V, so K/V are all-gathered again, then dK/dV
+    # reduce-scattered (2 collectives per layer)
+    passes = num_layers + min(recompute_layers, num_layers) + (2 * num_layers if backward else 0)
     return (cp_size - 1) * block * passes

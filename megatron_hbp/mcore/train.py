@@ -105,6 +105,9 @@ class Prepared:
     sample_info: object
     plan: object
     dp_size: int
+    cp_impl: str = "ulysses"
+    """CP attention of CP > 1 steps (``ulysses`` / ``allgather``), resolved from ``cp_backend``."""
+    cp_impl_why: str = "auto"
 
 
 # Markers of the Jinja chat templates that ship with HF models -> our built-in template with
@@ -281,6 +284,7 @@ def trainer_cost_model(
     rmsnorm_fused: bool = False,
     hardware=None,
     memory_reserve_gib: float | None = None,
+    cp_impl: str = "ulysses",
 ):
     """The ``megatron_hbp.costmodel.CostModel`` of the run this trainer does (what the pre-flight
     OOM check and ``tools/select_groups.py`` should agree on).
@@ -294,12 +298,13 @@ def trainer_cost_model(
         rmsnorm_fused: apex/TE RMSNorm in Megatron's local spec (else ``torch.nn.RMSNorm``).
         hardware: ``HardwareProfile`` or profile name (memory() does not read it; it names the GPU).
         memory_reserve_gib: ``TrainingSetup.memory_reserve_gib`` (None: the cost model's default).
+        cp_impl: the resolved ``cp_backend`` of CP > 1 steps (``ulysses`` or ``allgather``).
 
     The trainer's code paths (``megatron_hbp.mcore``): ``varlen`` repeats K/V to all heads before the
     flash kernel (``attention_expand_kv``), ``te`` does not; ``sdpa`` is the math backend per
     document (needs the packs' sum of squared lengths); RoPE is ``attention.apply_rope`` (unfused);
     the MLP runs with ``bias_activation_fusion=False`` (unfused SwiGLU); CP > 1 steps go through
-    ``megatron_hbp.cp`` (``cp_impl="allgather"``); activations bf16 or fp32.
+    ``megatron_hbp.cp`` (``cp_impl``: Ulysses or all-gather); activations bf16 or fp32.
     """
     from dataclasses import replace as _replace
 
@@ -319,7 +324,7 @@ def trainer_cost_model(
         rope_impl="unfused",
         swiglu_impl="unfused",
         rmsnorm_impl="fused" if rmsnorm_fused else "unfused",
-        cp_impl="allgather",
+        cp_impl=cp_impl,
         **kw,
     )
     # num_gpus / tp must be the DP x CP ranks the distributed optimizer shards over
@@ -376,30 +381,49 @@ def _rmsnorm_fused() -> bool:
         return False
 
 
-def check_memory(cm, plan, limit_bytes: float, *, pp: int = 1) -> list[str]:
-    """Check every group's largest pack per rank (``pack_length / cp`` tokens, the group's
-    recompute layers) against ``limit_bytes`` with ``cm.memory``.
+@dataclass(frozen=True)
+class GroupMemory:
+    """The pre-flight's verdict on one plan group (``memory_verdicts``)."""
 
-    Raises ``TrainSetupError`` when the modelled tensors alone (everything but the reserve for
-    CUDA context, NCCL buffers and fragmentation) exceed the limit: an obvious OOM. When only the
-    reserve tips it over, returns the same message as a warning: the reserve is an estimate
-    (calibrated on the paper's TE path), so a borderline group is the user's call."""
-    warnings: list[str] = []
+    group: int
+    pack_length: int
+    cp: int
+    recompute_layers: int
+    memory: object
+    """``costmodel.MemoryBreakdown`` of the group's largest pack per rank."""
+    verdict: str
+    """``ok``, ``warning`` (only the estimated reserve tips it over) or ``refused``."""
+    min_recompute_fit: int | None
+    """Fewest recomputed layers that fit the limit (None: not even all layers)."""
+    message: str
+    """The one-line explanation for ``warning`` / ``refused`` ('' when ok)."""
+
+
+def memory_verdicts(cm, plan, limit_bytes: float, *, pp: int = 1) -> list[GroupMemory]:
+    """Every group's largest pack per rank (``pack_length / cp`` tokens, the group's recompute
+    layers) against ``limit_bytes`` with ``cm.memory``: the rule of the trainer's pre-flight
+    (``check_memory``) and of ``tools/preflight.py``. A group whose modelled tensors alone exceed the
+    limit is ``refused``; one that only the reserve (CUDA context, NCCL buffers, fragmentation: an
+    estimate calibrated on the paper's TE path) tips over is a ``warning``."""
+    out: list[GroupMemory] = []
     sq = group_sum_sq_lengths(plan) if cm.setup.attention_impl == "math" else None
     L = cm.model.num_layers
     for i, g in enumerate(plan.groups):
         k = min(int(g.recompute_layers), L)
         math_cp = cm.setup.attention_impl == "math" and g.cp > 1
-        # CP > 1 steps never run the math backend: megatron_hbp.cp's own kernels (modelled as flash)
-        gcm = cm.with_setup(attention_impl="flash", attention_expand_kv=True) if math_cp else cm
+        # CP > 1 steps never run the math backend: megatron_hbp.cp's own kernels (modelled as flash;
+        # Ulysses' CPU kernel saves what flash saves, unexpanded)
+        expand = cm.setup.cp_impl != "ulysses"
+        gcm = cm.with_setup(attention_impl="flash", attention_expand_kv=expand) if math_cp else cm
         s = None if gcm.setup.attention_impl != "math" else float(sq[i])
         m = gcm.memory(g.pack_length, g.cp, k, sum_sq_lengths=s)
+        k_fit = gcm.min_recompute_layers(g.pack_length, g.cp, limit_bytes, sum_sq_lengths=s)
+        verdict, msg = "ok", ""
         if m.total > limit_bytes:
             comps = ", ".join(
                 f"{n} {getattr(m, n) / 2**30:.2f}"
                 for n in ("weights", "gradients", "optimizer", "activations", "loss", "cp_buffers", "reserve")
             )
-            k_fit = gcm.min_recompute_layers(g.pack_length, g.cp, limit_bytes, sum_sq_lengths=s)
             hint = (
                 f"recompute_layers >= {k_fit} fits"
                 if k_fit is not None
@@ -409,14 +433,29 @@ def check_memory(cm, plan, limit_bytes: float, *, pp: int = 1) -> list[str]:
                 f"out-of-memory risk: group {i} (pack_length={g.pack_length} cp={g.cp} recompute_layers="
                 f"{g.recompute_layers}) puts {g.pack_length // g.cp} tokens on a rank; model '{cm.model.name}'"
                 f"{f' (one of {pp} pipeline stages)' if pp > 1 else ''} then needs {m.total / 2**30:.2f} GiB "
-                f"by the cost model ({comps} GiB) but the device has {limit_bytes / 2**30:.2f} GiB "
-                f"({cm.hardware.name}). {hint}; raise cp or recompute_layers for that group, lower its "
-                "pack_length, or raise tp (memory_limit_gb overrides the device memory)"
+                f"by the cost model ({comps} GiB; CP attention {cm.setup.cp_impl}) but the device has "
+                f"{limit_bytes / 2**30:.2f} GiB ({cm.hardware.name}). {hint}; raise cp or recompute_layers for "
+                "that group, lower its pack_length, or raise tp (memory_limit_gb overrides the device memory)"
             )
             if m.total - m.reserve > limit_bytes:
-                raise TrainSetupError(msg)
-            warnings.append(msg + f" [warning only: it fits without the {m.reserve / 2**30:.1f} GiB reserve]")
-    return warnings
+                verdict = "refused"
+            else:
+                verdict = "warning"
+                msg += f" [warning only: it fits without the {m.reserve / 2**30:.1f} GiB reserve]"
+        out.append(
+            GroupMemory(i, int(g.pack_length), int(g.cp), int(g.recompute_layers), m, verdict, k_fit, msg)
+        )
+    return out
+
+
+def check_memory(cm, plan, limit_bytes: float, *, pp: int = 1) -> list[str]:
+    """The trainer's OOM pre-flight (:func:`memory_verdicts`): raises ``TrainSetupError`` for the
+    first refused group, returns the warnings."""
+    verdicts = memory_verdicts(cm, plan, limit_bytes, pp=pp)
+    for v in verdicts:
+        if v.verdict == "refused":
+            raise TrainSetupError(v.message)
+    return [v.message for v in verdicts if v.verdict == "warning"]
 
 
 def _device_memory_limit(cfg: TrainConfig) -> float | None:
@@ -504,11 +543,16 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
             raise TrainSetupError(
                 f"plan uses cp={c}, which does not divide the {dp_size} data x context ranks"
             )
-    from megatron_hbp.mcore.cp_seam import require_cp
+    from megatron_hbp.mcore.attention import _te_available
+    from megatron_hbp.mcore.cp_seam import require_cp, resolve_cp_impl
 
     try:
         require_cp(degrees)
-    except RuntimeError as e:
+        cp_impl, cp_why = resolve_cp_impl(
+            cfg.cp_backend, num_heads=model_cfg.num_attention_heads, num_kv_heads=model_cfg.num_query_groups,
+            tp=tp, degrees=degrees, te_available=_te_available(),
+        )  # fmt: skip
+    except (RuntimeError, ValueError) as e:
         raise TrainSetupError(str(e)) from None
 
     limit = _device_memory_limit(cfg)
@@ -530,12 +574,12 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
                 torch.cuda.get_device_name(torch.cuda.current_device()) if on_cuda else "cpu", limit
             ),
             # the reserve is CUDA context, NCCL buffers and allocator fragmentation: none on CPU
-            memory_reserve_gib=None if on_cuda else 0.0,
+            memory_reserve_gib=None if on_cuda else 0.0, cp_impl=cp_impl,
         )  # fmt: skip
         for warning in check_memory(cm, plan, limit, pp=pp):
             if rank == 0:
                 print(f"[hbp] WARNING {warning}", flush=True)
-    return Prepared(model_cfg, info, plan, dp_size)
+    return Prepared(model_cfg, info, plan, dp_size, cp_impl, cp_why)
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
@@ -710,6 +754,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         "loss_normalization": cfg.loss_normalization,
         "plan_path": str(cfg.plan.path),
         "distributed_optimizer": oc.use_distributed_optimizer,
+        "cp_backend": prep.cp_impl,
     }
     start = 0
     if cfg.checkpoint.load:
@@ -760,6 +805,11 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             f"{start}..{end - 1} of {plan.num_steps}, CP degrees {degrees}",
             flush=True,
         )
+        if any(c > 1 for c in degrees):
+            print(
+                f"[hbp] CP attention: {prep.cp_impl} (cp_backend {cfg.cp_backend}: {prep.cp_impl_why})",
+                flush=True,
+            )
     model.train()
     for s in range(start, end):
         step = plan.step(s)
@@ -772,7 +822,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        inputs = iter([to_model_inputs(b, device, cp_group) for b in host_batches])
+        inputs = iter([to_model_inputs(b, device, cp_group, prep.cp_impl) for b in host_batches])
         model.zero_grad_buffer()
         optimizer.zero_grad()
         reports = fwd_bwd(
@@ -786,6 +836,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         )
         if on_grads is not None:
             on_grads(s, model)
+        lr_applied = float(optimizer.param_groups[0]["lr"])  # the scheduler set it for this step
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         loss, denom = reduce_reports(reports, device, tp)
@@ -818,15 +869,21 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         tokens = int(step.num_tokens)
         comm = 0
         if cp > 1:
-            from megatron_hbp.cp import cp_comm_bytes
+            from megatron_hbp.cp import cp_comm_bytes, ulysses_comm_bytes
 
             mc = prep.model_cfg
             for b in host_batches:
-                comm += cp_comm_bytes(
-                    int(sum(b.padded_lengths)), mc.num_query_groups // tp, mc.head_dim, cp,
+                kw = dict(
                     num_layers=mc.num_layers // pp, recompute_layers=int(step.recompute_layers),
                     dtype_bytes=2 if bf16 else 4,
                 )  # fmt: skip
+                n_tok, hkv = int(sum(b.padded_lengths)), mc.num_query_groups // tp
+                if prep.cp_impl == "ulysses":
+                    comm += ulysses_comm_bytes(
+                        n_tok, mc.num_attention_heads // tp, hkv, mc.head_dim, cp, **kw
+                    )
+                else:
+                    comm += cp_comm_bytes(n_tok, hkv, mc.head_dim, cp, **kw)
         rec = {
             "step": s,
             "group": int(step.group),
@@ -834,7 +891,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             "recompute_layers": int(step.recompute_layers),
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(optimizer.param_groups[0]["lr"]),
+            "lr": lr_applied,
             "tokens": tokens,
             "loss_tokens": int(step.loss_tokens),
             "micro_batches": n_mb,
@@ -844,6 +901,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             "attn_imbalance": (max(pairs_per_rank) / mean_pairs) if mean_pairs > 0 else 1.0,
             "update_ok": bool(ok),
             "cp_comm_bytes_per_rank": comm,
+            "cp_backend": prep.cp_impl if cp > 1 else "none",
         }
         if torch.cuda.is_available():
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
