@@ -228,12 +228,23 @@ class _HeadToSeq(torch.autograd.Function):
 # Packed causal attention over whole documents
 
 
+_Q_BLOCK = 1024  # query rows per block: keys [0, block end) only, [block, keys] temporaries
+
+
+def _blocks(start: int, n: int):
+    """(query slice, key end) blocks of one document span: causal keys stop at the block's end."""
+    for a in range(0, n, _Q_BLOCK):
+        b = min(a + _Q_BLOCK, n)
+        yield slice(start + a, start + b), a, b
+
+
 class _DocumentAttention(torch.autograd.Function):
     """Causal attention per document span, FlashAttention's contract in PyTorch: saves q, k, v,
     the output and the fp32 log-sum-exp; recomputes the probabilities in backward.
 
     q ``[T, hq, d]``, k/v ``[T, m, d]`` with ``hq % m == 0`` (query head ``i`` reads K/V head
-    ``i // (hq / m)``). Computes in fp32 (float64 stays float64)."""
+    ``i // (hq / m)``). Computes in fp32 (float64 stays float64), in query blocks that read only
+    the keys up to the block's end (the causal triangle, not the square)."""
 
     @staticmethod
     def forward(ctx, q, k, v, spans, scale):
@@ -244,15 +255,16 @@ class _DocumentAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty((T, hq), dtype=acc, device=q.device)
         for start, n in spans:
-            qd = q[start : start + n].to(acc).reshape(n, m, g, d).permute(1, 2, 0, 3)  # [m, g, n, d]
             kd = k[start : start + n].to(acc).permute(1, 0, 2)[:, None]  # [m, 1, n, d]
             vd = v[start : start + n].to(acc).permute(1, 0, 2)[:, None]
-            s = (qd @ kd.transpose(-1, -2)) * scale
-            s.masked_fill_(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-            lse_d = torch.logsumexp(s, -1)  # [m, g, n]
-            o = torch.exp(s - lse_d[..., None]) @ vd  # [m, g, n, d]
-            out[start : start + n] = o.permute(2, 0, 1, 3).reshape(n, hq, d).to(q.dtype)
-            lse[start : start + n] = lse_d.permute(2, 0, 1).reshape(n, hq)
+            for rows, a, b in _blocks(start, n):
+                qb = q[rows].to(acc).reshape(b - a, m, g, d).permute(1, 2, 0, 3)  # [m, g, bq, d]
+                s = (qb @ kd[..., :b, :].transpose(-1, -2)) * scale  # [m, g, bq, b]
+                s.masked_fill_(_causal_block(a, b, q.device), float("-inf"))
+                lse_b = torch.logsumexp(s, -1)  # [m, g, bq]
+                o = torch.exp(s - lse_b[..., None]) @ vd[..., :b, :]
+                out[rows] = o.permute(2, 0, 1, 3).reshape(b - a, hq, d).to(q.dtype)
+                lse[rows] = lse_b.permute(2, 0, 1).reshape(b - a, hq)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spans, ctx.scale = spans, scale
         return out
@@ -264,26 +276,34 @@ class _DocumentAttention(torch.autograd.Function):
         m = k.shape[1]
         g = hq // m
         acc = lse.dtype
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dq = torch.zeros_like(q)
+        dk = torch.zeros((T, m, d), dtype=acc, device=q.device)
+        dv = torch.zeros((T, m, d), dtype=acc, device=q.device)
         for start, n in ctx.spans:
-            sl = slice(start, start + n)
-            qd = q[sl].to(acc).reshape(n, m, g, d).permute(1, 2, 0, 3)
-            kd = k[sl].to(acc).permute(1, 0, 2)[:, None]
-            vd = v[sl].to(acc).permute(1, 0, 2)[:, None]
-            od = out[sl].to(acc).reshape(n, m, g, d).permute(1, 2, 0, 3)
-            dod = dout[sl].to(acc).reshape(n, m, g, d).permute(1, 2, 0, 3)
-            s = (qd @ kd.transpose(-1, -2)) * ctx.scale
-            s.masked_fill_(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-            p = torch.exp(s - lse[sl].reshape(n, m, g).permute(1, 2, 0)[..., None])  # [m, g, n, n]
-            dvd = (p.transpose(-1, -2) @ dod).sum(1)  # [m, n, d]
-            dp = dod @ vd.transpose(-1, -2)
-            ds = p * (dp - (dod * od).sum(-1, keepdim=True)) * ctx.scale
-            dqd = ds @ kd  # [m, g, n, d]
-            dkd = (ds.transpose(-1, -2) @ qd).sum(1)  # [m, n, d]
-            dq[sl] = dqd.permute(2, 0, 1, 3).reshape(n, hq, d).to(q.dtype)
-            dk[sl] = dkd.permute(1, 0, 2).to(k.dtype)
-            dv[sl] = dvd.permute(1, 0, 2).to(v.dtype)
-        return dq, dk, dv, None, None
+            kd = k[start : start + n].to(acc).permute(1, 0, 2)[:, None]
+            vd = v[start : start + n].to(acc).permute(1, 0, 2)[:, None]
+            dkd = dk[start : start + n].permute(1, 0, 2)  # [m, n, d] views
+            dvd = dv[start : start + n].permute(1, 0, 2)
+            for rows, a, b in _blocks(start, n):
+                bq = b - a
+                qb = q[rows].to(acc).reshape(bq, m, g, d).permute(1, 2, 0, 3)
+                ob = out[rows].to(acc).reshape(bq, m, g, d).permute(1, 2, 0, 3)
+                dob = dout[rows].to(acc).reshape(bq, m, g, d).permute(1, 2, 0, 3)
+                s = (qb @ kd[..., :b, :].transpose(-1, -2)) * ctx.scale
+                s.masked_fill_(_causal_block(a, b, q.device), float("-inf"))
+                p = torch.exp(s - lse[rows].reshape(bq, m, g).permute(1, 2, 0)[..., None])  # [m, g, bq, b]
+                dvd[:, :b] += (p.transpose(-1, -2) @ dob).sum(1)
+                dp = dob @ vd[..., :b, :].transpose(-1, -2)
+                ds = p * (dp - (dob * ob).sum(-1, keepdim=True)) * ctx.scale
+                dq[rows] = (ds @ kd[..., :b, :]).permute(2, 0, 1, 3).reshape(bq, hq, d).to(q.dtype)
+                dkd[:, :b] += (ds.transpose(-1, -2) @ qb).sum(1)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_block(a: int, b: int, device: torch.device) -> torch.Tensor:
+    """True where key j > query a + i (masked), for query rows [a, b) and keys [0, b)."""
+    return torch.arange(b, device=device)[None, :] > torch.arange(a, b, device=device)[:, None]
 
 
 def _attend(qg, kg, vg, lay: _Layout, scale: float, backend: str) -> torch.Tensor:
