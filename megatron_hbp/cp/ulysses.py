@@ -163,14 +163,11 @@ class _SeqToHead(torch.autograd.Function):
         hq_r, m = hq // c, kv_index.shape[1]
         ctx.meta = (group, c, t, hq, hkv, d, hq_r, m, kv_index, lay)
         flat = kv_index.reshape(-1)
+        same = m * c == hkv  # every K/V head goes to exactly one rank, in order: no selection copy
+        ks, vs = (k, v) if same else (k.index_select(1, flat), v.index_select(1, flat))
         # Send buffer [c, t, (hq_r + 2m) d]: block j goes to rank j (its query heads and their K/V).
         send = torch.cat(
-            [
-                q.reshape(t, c, hq_r * d),
-                k.index_select(1, flat).reshape(t, c, m * d),
-                v.index_select(1, flat).reshape(t, c, m * d),
-            ],
-            dim=2,
+            [q.reshape(t, c, hq_r * d), ks.reshape(t, c, m * d), vs.reshape(t, c, m * d)], dim=2
         ).transpose(0, 1)
         recv = _all_to_all(send.contiguous(), group)  # [c (source rank), t, W]
         g = recv[lay.src, lay.row]  # [T, W] in global (document) order
@@ -191,7 +188,9 @@ class _SeqToHead(torch.autograd.Function):
         send = _all_to_all(recv, group).transpose(0, 1)  # [t, c (destination rank), W]
         dq, dk_sel, dv_sel = send.split([hq_r * d, m * d, m * d], dim=2)
         dq = dq.reshape(t, hq, d)
-        flat = kv_index.reshape(-1)
+        if m * c == hkv:
+            return dq, dk_sel.reshape(t, hkv, d), dv_sel.reshape(t, hkv, d), None, None, None, None
+        flat = kv_index.reshape(-1)  # replicated heads: sum the copies' gradients
         dk = dq.new_zeros((t, hkv, d)).index_add_(1, flat, dk_sel.reshape(t, c * m, d))
         dv = dq.new_zeros((t, hkv, d)).index_add_(1, flat, dv_sel.reshape(t, c * m, d))
         return dq, dk, dv, None, None, None, None
@@ -372,8 +371,7 @@ def ulysses_attention(
     lay = _layout_on(cu_padded, cu_real, cp_size, q.device)
     kv_idx = torch.tensor(kv_index, dtype=torch.long, device=q.device)
     if cp_size == 1:
-        qg, kg, vg = q, k.index_select(1, kv_idx[0]), v.index_select(1, kv_idx[0])
-        og = _attend(qg, kg, vg, lay, scale, backend)
+        og = _attend(q, k, v, lay, scale, backend)
         if lay.pad.numel():
             og = og.index_fill(0, lay.pad, 0)
         return og
