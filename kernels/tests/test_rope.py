@@ -195,3 +195,21 @@ def test_single_tensor_and_int32_positions_and_zero_tokens():
 def test_bad_inputs_raise(args, match):
     with pytest.raises(ValueError, match=match):
         rope_qk(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_large_fp32_and_bf16():
+    """16K tokens of 15 documents, 32/8 heads x 64, Llama-3 frequencies, compiled."""
+    gen = torch.Generator().manual_seed(0)
+    cuts = sorted(torch.randperm(16383, generator=gen)[:14].add(1).tolist())
+    pos = positions_of([b - a for a, b in zip([0, *cuts], [*cuts, 16384])])
+    inv = inv_freq_of(64, 500000.0, {"factor": 32.0, "low": 1.0, "high": 4.0, "old": 8192})
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, dq, dk = make(16384, 32, 8, 64, dtype, seed=3)
+        got = run_ours(q, k, pos, inv, dq, dk)
+        ref = run_ref(q, k, pos, inv, dq, dk)
+        tor = run_ref(q, k, pos, inv, dq, dk, dtype=dtype)
+        for g, t, r in zip(got, tor, ref):
+            bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(t, r) + BF16_ULP
+            assert rel_err(g, r) <= bound

@@ -100,3 +100,15 @@ def test_zero_rows():
 def test_bad_inputs_raise(z, match):
     with pytest.raises(ValueError, match=match):
         swiglu(z)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_large_bf16():
+    """The ~1B model's MLP at 16K tokens, compiled: within 2x Megatron's unfused bf16 GLU error."""
+    z, dout = make(16384, 8192, torch.bfloat16, seed=2)
+    out, dz = run(swiglu, z, dout, "cuda")
+    ref_out, ref_dz = run(swiglu_reference, z.float(), dout.float(), "cuda")
+    t_out, t_dz = run(megatron_glu_bf16, z, dout, "cuda")
+    assert rel_err(out, ref_out) <= 2 * rel_err(t_out, ref_out) + BF16_ULP
+    assert rel_err(dz, ref_dz) <= 2 * rel_err(t_dz, ref_dz) + BF16_ULP
