@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rounding import to_output
 from ..utils import cdiv, num_sms
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,13 +68,13 @@ def _rmsnorm_fwd_kernel(
     h = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + offs, mask=mask, other=0.0)
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)  # rounded like the unfused add
+        h = to_output(h.to(tl.float32) + r.to(tl.float32), h.dtype)  # rounded like the unfused add
         tl.store(h_ptr + offs, h, mask=mask)
     hf = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / H + eps)
     w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     y = hf * rstd[:, None] * w[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, to_output(y, y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=mask_r)
 
 
@@ -113,7 +114,7 @@ def _rmsnorm_bwd_kernel(
         dh = rstd[:, None] * (g - xhat * c[:, None])
         if HAS_DRES:
             dh += tl.load(dho_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + offs, to_output(dh, dh_ptr.dtype.element_ty), mask=mask)
         dw_acc += tl.sum(dy * xhat, axis=0)
     tl.store(dw_partial_ptr + pid.to(tl.int64) * H + cols, dw_acc, mask=mask_c)
 

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rounding import to_output
 from ..utils import cdiv
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,8 +53,8 @@ def _rotate_heads(
         o_offs = offs_t64[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
         o1 = x1 * cos - x2 * sin
         o2 = x2 * cos + x1 * sin
-        tl.store(out_ptr + o_offs, o1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + o_offs + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + o_offs, to_output(o1, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + o_offs + HALF, to_output(o2, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rounding import to_output
 from ..utils import cdiv
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,7 +43,7 @@ def _swiglu_fwd_kernel(z_ptr, o_ptr, N, F, BLOCK_ROWS: tl.constexpr, BLOCK_F: tl
     gate = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(z_ptr + z_offs + F, mask=mask, other=0.0).to(tl.float32)
     out = gate * tl.sigmoid(gate) * up
-    tl.store(o_ptr + rows64 * F + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + rows64 * F + cols[None, :], to_output(out, o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -59,8 +60,8 @@ def _swiglu_bwd_kernel(z_ptr, dout_ptr, dz_ptr, N, F, BLOCK_ROWS: tl.constexpr, 
     silu = gate * s
     d_up = dout * silu
     d_gate = dout * up * s * (1.0 + gate * (1.0 - s))
-    tl.store(dz_ptr + z_offs, d_gate.to(dz_ptr.dtype.element_ty), mask=mask)
-    tl.store(dz_ptr + z_offs + F, d_up.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + z_offs, to_output(d_gate, dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + z_offs + F, to_output(d_up, dz_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(F: int) -> tuple[int, int, int]:
