@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 
 packages = find_packages(include=["megatron_hbp", "megatron_hbp.*"])
 packages += ["megatron_hbp.kernels"]
+# One sub-package per layer kernel (kernels/rmsnorm, kernels/rope, kernels/swiglu, ...).
+packages += [f"megatron_hbp.kernels.{p}" for p in find_packages("kernels", exclude=["tests", "tests.*"])]
 
 setup(
     packages=packages,

@@ -6,6 +6,13 @@ PyTorch reference (also the CPU fallback), the launcher and the public function:
 - :func:`attention_cost`: exact causal-attention pairs per pack and zigzag CP rank.
 - :func:`token_balanced_cross_entropy`: fused linear + cross-entropy summed over loss tokens
   and divided by a caller-given normalizer, vocab-parallel, without [T, V] logits.
+
+Transformer-layer kernels (one folder each: ``reference.py`` fp32 PyTorch, ``kernel.py``
+Triton + launchers, ``__init__.py`` autograd function and public API):
+
+- :func:`rms_norm` (``rmsnorm/``): RMSNorm fwd/bwd, optionally fused with the residual add.
+- :func:`rope_qk` / :func:`rope` (``rope/``): RoPE on packed THD q/k by per-token positions.
+- :func:`swiglu` (``swiglu/``): ``silu(gate) * up`` on the fused gate|up projection output.
 """
 
 from .attention_cost import attention_cost, attention_cost_reference, attention_pairs_to_flops
@@ -16,12 +23,24 @@ from .cross_entropy import (
     token_balanced_cross_entropy_from_logits_reference,
     token_balanced_cross_entropy_reference,
 )
+from .rmsnorm import RMSNorm, rms_norm, rms_norm_reference
+from .rope import rope, rope_qk, rope_reference
+from .swiglu import SwiGLU, swiglu, swiglu_reference
 
 __all__ = [
+    "RMSNorm",
+    "SwiGLU",
     "attention_cost",
     "attention_cost_reference",
     "attention_pairs_to_flops",
     "count_loss_tokens",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope",
+    "rope_qk",
+    "rope_reference",
+    "swiglu",
+    "swiglu_reference",
     "token_balanced_cross_entropy",
     "token_balanced_cross_entropy_from_logits",
     "token_balanced_cross_entropy_from_logits_reference",

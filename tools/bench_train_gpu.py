@@ -15,6 +15,12 @@ runs, ``--warmup`` untimed steps of the ISF plan warm up CUDA and the allocator.
 
     python tools/bench_train_gpu.py                 # on one GPU (bf16), the whole demo data
     python tools/bench_train_gpu.py --cpu-smoke     # tiny model, small packs, 40 samples, CPU
+    python tools/bench_train_gpu.py --compare-layer-kernels   # + HBP plan with torch vs Triton layers
+
+``--compare-layer-kernels`` (GPU only) also trains the HBP plan twice more, with
+``layer_kernels: torch`` (Megatron's unfused local-spec norm / GLU / RoPE) and ``layer_kernels:
+triton`` (megatron_hbp.kernels), each in its own process, and prints the time-weighted MFU and
+tokens/s per plan group for both (``OUT/bench.json`` key ``layer_kernels``).
 
 Needs megatron-core 0.19.2 in the environment (ENVIRONMENT.md: carried as a wheel on the GPU
 machine). Prints a table and never asserts.
@@ -93,6 +99,11 @@ def summarize(recs: list[dict]) -> dict:
     }
 
 
+def summarize_groups(recs: list[dict]) -> dict:
+    """``summarize`` per plan group (group id -> totals)."""
+    return {g: summarize([r for r in recs if r["group"] == g]) for g in sorted({r["group"] for r in recs})}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama_1b", help="model preset")
@@ -106,7 +117,14 @@ def main(argv=None) -> int:
         "--loss-impl", default="auto", help="auto / fused / megatron (see megatron_hbp.mcore.loss)"
     )
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 1K/2K packs, 40 samples on CPU")
+    p.add_argument(
+        "--compare-layer-kernels",
+        action="store_true",
+        help="also train the HBP plan with layer_kernels torch and triton; MFU per group (GPU only)",
+    )
     a = p.parse_args(argv)
+    if a.compare_layer_kernels and a.cpu_smoke:
+        p.error("--compare-layer-kernels needs a GPU (the Triton layers on CPU only run interpreted)")
 
     import torch
 
@@ -129,7 +147,8 @@ def main(argv=None) -> int:
 
     # Each training runs in a process of its own (as a user's job would): nothing of an earlier
     # run (model, optimizer, allocator cache) stays on the GPU and inflates the next one's memory.
-    def train(name: str, max_steps: int | None, metrics: bool) -> list[dict]:
+    def train(name: str, max_steps: int | None, metrics: bool, layer_kernels: str = "auto") -> list[dict]:
+        tag = name if layer_kernels == "auto" else f"{name}_{layer_kernels}"
         cfg = {
             "model": model,
             "data": {"sample_info": str(info_path), "num_workers": 2},
@@ -139,7 +158,8 @@ def main(argv=None) -> int:
             "dtype": dtype,
             "attention_backend": a.attention_backend,
             "loss_impl": a.loss_impl,
-            "metrics_file": str(out / f"metrics_{name}.jsonl") if metrics else None,
+            "layer_kernels": layer_kernels,
+            "metrics_file": str(out / f"metrics_{tag}.jsonl") if metrics else None,
         }
         code = (
             "import json, sys\n"
@@ -153,7 +173,7 @@ def main(argv=None) -> int:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], check=False)
         if proc.returncode != 0:
             raise SystemExit(
-                f"[bench] the {name} training exited with {proc.returncode} (its output is above)"
+                f"[bench] the {tag} training exited with {proc.returncode} (its output is above)"
             )
         if not metrics:
             return []
@@ -184,8 +204,29 @@ def main(argv=None) -> int:
             f"{results['hbp']['tokens_per_s'] / results['isf']['tokens_per_s']:.2f}x "
             f"(total time {results['hbp']['time_s']:.1f} s vs {results['isf']['time_s']:.1f} s)"
         )
+    by_kernels = {}
+    if a.compare_layer_kernels:
+        for lk in ("torch", "triton"):
+            by_kernels[lk] = summarize_groups(train("hbp", None, metrics=True, layer_kernels=lk))
+        print(f"\nHBP plan, torch vs Triton layer kernels (same run, device {device})")
+        print("| group | layers | steps | tokens/s | MFU |")
+        print("|---|---|---|---|---|")
+        for g in by_kernels["torch"]:
+            for lk in ("torch", "triton"):
+                r = by_kernels[lk].get(g)
+                if r:
+                    print(f"| {g} | {lk} | {r['steps']} | {r['tokens_per_s']:.0f} | {r['mfu'] * 100:.1f}% |")
     (out / "bench.json").write_text(
-        json.dumps({"device": device, "model": model, "same_tokens": same, "results": results}, indent=2)
+        json.dumps(
+            {
+                "device": device,
+                "model": model,
+                "same_tokens": same,
+                "results": results,
+                "layer_kernels": {lk: {str(g): r for g, r in v.items()} for lk, v in by_kernels.items()},
+            },
+            indent=2,
+        )
     )
     return 0
 

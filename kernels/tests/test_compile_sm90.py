@@ -28,7 +28,12 @@ POINTER_TYPES = {
     "tgt_ptr": "*fp32",
     "lse_ptr": "*fp32",
     "g_ptr": "*fp32",
+    "rstd_ptr": "*fp32",
+    "dw_partial_ptr": "*fp32",
+    "pos_ptr": "*i64",
+    "inv_freq_ptr": "*fp32",
 }
+SCALAR_TYPES = {"eps": "fp32"}
 DIVISIBLE_INTS = {"H", "stride_h", "stride_w", "stride_dz", "stride_x", "stride_dx"}
 
 
@@ -45,7 +50,7 @@ def _compile(kernel, float_type: str, constexprs: dict, options: dict):
             signature[name] = POINTER_TYPES.get(name, float_type)
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
-            signature[name] = "i32"
+            signature[name] = SCALAR_TYPES.get(name, "i32")
             if name in DIVISIBLE_INTS:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -79,7 +84,44 @@ def _child() -> None:
         options = {"num_warps": cfg.pop("num_warps")}
         for kernel in (ce._ce_logits_fwd_kernel, ce._ce_logits_bwd_kernel):
             assert "cubin" in _compile(kernel, float_type, dict(cfg), options).asm
+    _compile_layer_kernels()
     print("compiled all kernels for sm_90")
+
+
+def _compile_layer_kernels() -> None:
+    """RMSNorm, SwiGLU and RoPE at the launch configurations of their launchers, bf16 and fp32,
+    hidden sizes 64 ... 8192 (every constexpr combination the trainer's shapes produce)."""
+    rms = importlib.import_module("megatron_hbp.kernels.rmsnorm.kernel")
+    glu = importlib.import_module("megatron_hbp.kernels.swiglu.kernel")
+    rope = importlib.import_module("megatron_hbp.kernels.rope.kernel")
+    for float_type in ("*bf16", "*fp32"):
+        for H in (64, 1000, 2048, 4096, 8192):
+            block_rows, block_h, num_warps = rms._blocks(H, None)
+            for has_res in (False, True):
+                consts = {"HAS_RESIDUAL": has_res, "BLOCK_ROWS": block_rows, "BLOCK_H": block_h}
+                assert (
+                    "cubin"
+                    in _compile(rms._rmsnorm_fwd_kernel, float_type, consts, {"num_warps": num_warps}).asm
+                )
+                consts = {"HAS_DRES": has_res, "BLOCK_ROWS": block_rows, "BLOCK_H": block_h}
+                assert (
+                    "cubin"
+                    in _compile(rms._rmsnorm_bwd_kernel, float_type, consts, {"num_warps": num_warps}).asm
+                )
+        for F in (64, 1000, 5632, 8192):
+            block_rows, block_f, num_warps = glu._blocks(F)
+            consts = {"BLOCK_ROWS": block_rows, "BLOCK_F": block_f}
+            for kernel in (glu._swiglu_fwd_kernel, glu._swiglu_bwd_kernel):
+                assert "cubin" in _compile(kernel, float_type, dict(consts), {"num_warps": num_warps}).asm
+        for head_dim in (64, 128, 256):
+            block_t, block_half, num_warps = rope._blocks(head_dim // 2)
+            for sign in (1, -1):
+                consts = {"SIGN": sign, "BLOCK_T": block_t, "BLOCK_HALF": block_half}
+                compiled = _compile(rope._rope_qk_kernel, float_type, consts, {"num_warps": num_warps})
+                assert "cubin" in compiled.asm
+                # cos/sin must be the accurate libdevice functions (angles reach ~1e5 rad), not
+                # the approximate sin.approx/cos.approx instructions.
+                assert "sin.approx" not in compiled.asm["ptx"] and "cos.approx" not in compiled.asm["ptx"]
 
 
 @pytest.mark.slow

@@ -264,8 +264,11 @@ class PackedCoreAttention(MegatronModule):
         *,
         rope: RopeSpec | None = None,
         backend: str = "auto",
+        rope_fn=None,
     ):
         super().__init__(config=config)
+        # (q, k, positions, inv_freq) -> (q, k) rotated; None: the unfused apply_rope (model.py picks).
+        self.rope_fn = rope_fn or (lambda q, k, pos, inv: (apply_rope(q, pos, inv), apply_rope(k, pos, inv)))
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         # params_dtype is the activation dtype too (build_model: bf16 -> params_dtype bf16).
@@ -298,8 +301,7 @@ class PackedCoreAttention(MegatronModule):
         if query.dim() == 4:  # [t, 1, h, d] when Megatron did not squeeze
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         if self.inv_freq is not None:
-            query = apply_rope(query, p.position_ids, self.inv_freq)
-            key = apply_rope(key, p.position_ids, self.inv_freq)
+            query, key = self.rope_fn(query, key, p.position_ids, self.inv_freq)
         cp = p.local_cp_size or 1
         if cp > 1:
             from megatron_hbp.mcore.cp_seam import cp_attention

@@ -166,6 +166,11 @@ class TrainConfig:
     loss_impl: str = "auto"
     """'megatron' (CE on logits), 'fused' (megatron_hbp.kernels linear + CE, no logits; stable loss
     only) or 'auto' (fused on CUDA with step_token_mean, else megatron)."""
+    layer_kernels: str = "auto"
+    """Transformer-layer RMSNorm / SwiGLU / RoPE: 'torch' (Megatron local spec, unfused), 'triton'
+    (megatron_hbp.kernels; CUDA, or CPU under TRITON_INTERPRET=1) or 'auto' (Transformer Engine's
+    norm and activation when installed, else triton on CUDA, else torch). With 'triton' the fused
+    loss (loss_impl fused) runs its Triton kernel too. See docs/kernels.md."""
     metrics_file: str | None = None
     """JSONL file with one record per step (``--metrics-file`` overrides)."""
     tensorboard_dir: str | None = None
@@ -190,6 +195,8 @@ class TrainConfig:
             raise ConfigError(f"attention_backend '{self.attention_backend}': use auto, te, varlen or sdpa")
         if self.cp_backend not in CP_BACKENDS:
             raise ConfigError(f"cp_backend '{self.cp_backend}': use {', '.join(CP_BACKENDS)}")
+        if self.layer_kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"layer_kernels '{self.layer_kernels}': use auto, triton or torch")
         if self.loss_impl not in ("auto", "megatron", "fused"):
             raise ConfigError(f"loss_impl '{self.loss_impl}': use auto, megatron or fused")
         if self.loss_impl == "fused" and self.loss_normalization != "step_token_mean":

@@ -49,12 +49,16 @@ def _fused_output_processor(*, hidden_states, output_layer, output_weight, label
     weight = output_weight if output_weight is not None else output_layer.weight
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [s, 1, h] -> [s, h]
     targets = labels.reshape(-1).masked_fill(loss_mask.reshape(-1) == 0, -100)
-    return token_balanced_cross_entropy(hidden, weight, targets, None, tp_group=context["tp_group"])
+    return token_balanced_cross_entropy(
+        hidden, weight, targets, None, tp_group=context["tp_group"], backend=context.get("backend", "auto")
+    )
 
 
-def token_losses(model, inputs: dict, impl: str = "megatron") -> torch.Tensor:
+def token_losses(model, inputs: dict, impl: str = "megatron", kernel_backend: str = "auto") -> torch.Tensor:
     """The one loss seam. ``megatron``: fp32 ``[1, t]`` per-token CE (weights applied by
-    ``loss_func``). ``fused``: 0-dim Σ CE over the loss tokens (weights must all be 1)."""
+    ``loss_func``). ``fused``: 0-dim Σ CE over the loss tokens (weights must all be 1), computed
+    by the kernel's ``kernel_backend`` (``triton`` forces the Triton path, also on CPU under
+    TRITON_INTERPRET=1)."""
     if impl == "fused":
         from megatron.core import parallel_state
 
@@ -71,7 +75,10 @@ def token_losses(model, inputs: dict, impl: str = "megatron") -> torch.Tensor:
             loss_mask=inputs["loss_mask"],
             packed_seq_params=inputs["packed_seq_params"],
             output_processor=_fused_output_processor,
-            output_processor_context={"tp_group": tp if tp is not None and tp.size() > 1 else None},
+            output_processor_context={
+                "tp_group": tp if tp is not None and tp.size() > 1 else None,
+                "backend": kernel_backend,
+            },
         )
     return model(
         inputs["tokens"],
@@ -96,10 +103,10 @@ def loss_func(loss_weight: torch.Tensor, denominator: int, output: torch.Tensor)
     return weighted, denom, {"loss": report}
 
 
-def forward_step(data_iterator, model, impl: str = "megatron"):
+def forward_step(data_iterator, model, impl: str = "megatron", kernel_backend: str = "auto"):
     """``forward_step_func`` for ``get_forward_backward_func()``: one micro-batch."""
     inputs = next(data_iterator)
-    output = token_losses(model, inputs, impl)
+    output = token_losses(model, inputs, impl, kernel_backend)
     return output, functools.partial(loss_func, inputs["loss_weight"], inputs["denominator"])
 
 

@@ -679,7 +679,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     from megatron_hbp.mcore.data import make_loader, rank_work_items
     from megatron_hbp.mcore.loss import forward_step, reduce_reports, resolve_loss_impl
     from megatron_hbp.mcore.metrics import MetricsLogger, model_flops, peak_tflops, rank_attention_pairs
-    from megatron_hbp.mcore.model import build_model, set_recompute
+    from megatron_hbp.mcore.model import build_model, select_layer_kernels, set_recompute
 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     plan = prep.plan
@@ -703,12 +703,17 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
 
     bf16 = _use_bf16(cfg)
     dtype = torch.bfloat16 if bf16 else torch.float32
+    try:
+        layer_kernels = select_layer_kernels(cfg.layer_kernels)
+    except ValueError as e:
+        raise TrainSetupError(f"layer_kernels: {e}") from None
     model = build_model(
         prep.model_cfg,
         tp=tp,
         pp=pp,
         dtype=dtype,
         attention_backend=cfg.attention_backend,
+        layer_kernels=layer_kernels,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
@@ -795,13 +800,14 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     )
     fwd_bwd = get_forward_backward_func()
     loss_impl = resolve_loss_impl(cfg.loss_impl, cfg.loss_normalization)
-    step_fn = functools.partial(forward_step, impl=loss_impl)
+    kernel_backend = "triton" if layer_kernels == "triton" else "auto"  # of the fused loss kernel
+    step_fn = functools.partial(forward_step, impl=loss_impl, kernel_backend=kernel_backend)
     peak = peak_tflops()
     records = []
     if rank == 0:
         print(
             f"[hbp] training {prep.model_cfg.name} ({prep.model_cfg.num_parameters() / 1e6:.1f}M params) on {world} "
-            f"ranks (tp={tp}, pp={pp}, dp x cp={prep.dp_size}), {'bf16' if bf16 else 'fp32'}, loss {loss_impl}, plan steps "
+            f"ranks (tp={tp}, pp={pp}, dp x cp={prep.dp_size}), {'bf16' if bf16 else 'fp32'}, loss {loss_impl}, layer kernels {layer_kernels}, plan steps "
             f"{start}..{end - 1} of {plan.num_steps}, CP degrees {degrees}",
             flush=True,
         )
