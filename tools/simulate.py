@@ -7,12 +7,20 @@ and the speed-up against the first (ISF) row.
   python tools/simulate.py --sample-info cache/demo/sample_info.npz --model llama_1b --num-gpus 8
   python tools/simulate.py --synth tulu3_longcite --set attention_mfu=0.3 --json runs/sim.json
 
-Strategies (``--strategies``, default all): isf (one max-length group, CP = max-length / tokens-per-gpu,
-ISF packing, no balancing), hbp_groups (HBP groups, ISF + GreedyFill, no balancing), hbp (+ the
-paper's attention sort), hbp_ours (best-fit decreasing + LPT on the cost model's linear + attention
-cost), dynamic_cp (Megatron-Core's hybrid CP scheduler, re-implemented), dynamic_cp_packed (what-if:
-its CP-1 sub-samples packed per GPU), dynamic_cp_packed_linear (what-if: packed, and balancing
-(a l + l^2) / cp with the cost model's a instead of l^2 / cp). Formulas: megatron_hbp/costmodel/model.py, docs/costmodel.md.
+Strategies (``--strategies``, default all; the ISF row is always simulated first as the baseline):
+isf (one max-length group, CP = max-length / tokens-per-gpu, ISF packing, no balancing), hbp_groups
+(HBP groups, ISF + GreedyFill, no balancing), hbp (+ the paper's attention sort), hbp_ours
+(best-fit decreasing + LPT on the cost model's linear + attention cost), dynamic_cp (Megatron's
+hybrid CP: BalancedCPScheduler, one micro-batch per sub-sample; megatron-core 0.19.2, unchanged in
+Megatron-LM at d98e8a64), dynamic_cp_upstream (Megatron-LM's sequence-packing DpBalancedScheduler at
+d98e8a64: next-fit packs under max-seqlen-per-rank x CP, static CP), dynamic_cp_packed (what-if:
+hybrid CP with its CP-1 sub-samples packed per GPU), dynamic_cp_packed_linear (what-if: packed, and
+balancing (a l + l^2) / cp with the cost model's a instead of l^2 / cp).
+
+Every row uses the same samples and the same code-path profile (``--profile``, default
+trainer_h100: this trainer's path calibrated on an H100; ``--profile te`` for a Transformer Engine
+path); the banner says which profile and CP backend (``--set cp_impl=...``) are assumed.
+Formulas: megatron_hbp/costmodel/model.py, docs/costmodel.md.
 """
 
 from __future__ import annotations
@@ -29,12 +37,22 @@ from megatron_hbp.costmodel.cli import (
     add_input_args,
     build_cost_model,
     describe,
+    describe_profile,
     parse_int_list,
     read_inputs,
 )
 from megatron_hbp.costmodel.simulate import default_strategies, format_table, run_strategies
 
-KEYS = ("isf", "hbp_groups", "hbp", "hbp_ours", "dynamic_cp", "dynamic_cp_packed", "dynamic_cp_packed_linear")
+KEYS = (
+    "isf",
+    "hbp_groups",
+    "hbp",
+    "hbp_ours",
+    "dynamic_cp",
+    "dynamic_cp_upstream",
+    "dynamic_cp_packed",
+    "dynamic_cp_packed_linear",
+)
 
 
 def main(argv=None) -> int:
@@ -67,25 +85,26 @@ def main(argv=None) -> int:
         unknown = [s for s in wanted if s not in KEYS]
         if unknown:
             raise ConfigError(f"--strategies: unknown {unknown}; choose from {', '.join(KEYS)}")
-        all_s = dict(
-            zip(
-                KEYS,
-                default_strategies(
-                    cm,
-                    tokens_per_gpu=a.tokens_per_gpu,
-                    micro_batches=a.micro_batches,
-                    max_length=a.max_length,
-                    hbp_groups=groups,
-                    seed=a.seed,
-                ),
+        all_s = {
+            s.key: s
+            for s in default_strategies(
+                cm,
+                tokens_per_gpu=a.tokens_per_gpu,
+                micro_batches=a.micro_batches,
+                max_length=a.max_length,
+                hbp_groups=groups,
+                seed=a.seed,
             )
-        )
+        }
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    strategies = [all_s[k] for k in wanted]
+    if "isf" in wanted:
+        wanted.remove("isf")
+    strategies = [all_s[k] for k in ["isf", *wanted]]
     tokens_per_step = cm.dp_cp_ranks * a.tokens_per_gpu * a.micro_batches
     print(f"data: {desc}: {len(lengths)} samples, {int(lengths.sum()):,} tokens, max {int(lengths.max())}")
+    print(describe_profile(cm, a.path_profile))
     print(describe(cm))
     print(
         f"step: {tokens_per_step:,} tokens ({a.micro_batches} micro-batches x {a.tokens_per_gpu} tokens x GPUs)"
@@ -99,13 +118,30 @@ def main(argv=None) -> int:
         else:
             print(f"  {s.name}: max_seqlen_per_dp_cp_rank {s.max_seqlen_per_rank}")
     t0 = time.perf_counter()
-    results = run_strategies(
-        lengths, cm, strategies, loss_tokens=loss, tokens_per_step=tokens_per_step, seed=a.seed, progress=True
-    )
+    try:
+        results = run_strategies(
+            lengths,
+            cm,
+            strategies,
+            loss_tokens=loss,
+            tokens_per_step=tokens_per_step,
+            seed=a.seed,
+            progress=True,
+        )
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print()
     print(format_table(results))
+    for r in results:
+        if "cp" in r.extra and r.extra.get("micro_batches_per_step"):
+            print(
+                f"  {r.name}: static CP {r.extra['cp']}, {r.extra['recompute_layers']} recomputed layers, "
+                f"{r.extra['micro_batches_per_step']:.2f} micro-batches per step on average"
+            )
     print(
-        f"\n(simulated in {time.perf_counter() - t0:.1f} s; speed-up = {results[0].name} GPU-hours / row GPU-hours)"
+        f"\n(simulated in {time.perf_counter() - t0:.1f} s; speed-up = ({results[0].name} GPU-hours per token) / "
+        "(row GPU-hours per token), same samples and profile)"
     )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -122,12 +158,24 @@ def main(argv=None) -> int:
                 "dp_comm_s": r.dp_comm_s,
                 "tokens": r.tokens,
                 "dropped": r.num_dropped,
-                "speedup_vs_first": results[0].gpu_hours / r.gpu_hours,
+                "speedup_vs_first": (results[0].gpu_hours / max(results[0].tokens, 1))
+                / (r.gpu_hours / max(r.tokens, 1)),
                 "extra": {k: v for k, v in r.extra.items() if isinstance(v, (int, float, str, list))},
             }
             for r in results
         ]
-        a.json.write_text(json.dumps({"data": desc, "setup": describe(cm), "results": rows}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "data": desc,
+                    "profile": a.path_profile.name,
+                    "cp_impl": cm.setup.cp_impl,
+                    "setup": describe(cm),
+                    "results": rows,
+                },
+                indent=1,
+            )
+        )
         print(f"wrote {a.json}")
     return 0
 

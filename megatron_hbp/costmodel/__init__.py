@@ -42,6 +42,7 @@ from megatron_hbp.costmodel.simulate import (
     format_table,
     run_strategies,
     simulate_dynamic_cp,
+    simulate_dynamic_cp_upstream,
     simulate_plan,
 )
 
@@ -79,6 +80,7 @@ __all__ = [
     "select_groups_paper",
     "select_groups_simulated",
     "simulate_dynamic_cp",
+    "simulate_dynamic_cp_upstream",
     "simulate_group_set",
     "simulate_plan",
     "zigzag_attention_pairs",
