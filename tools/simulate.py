@@ -158,8 +158,9 @@ def main(argv=None) -> int:
                 "dp_comm_s": r.dp_comm_s,
                 "tokens": r.tokens,
                 "dropped": r.num_dropped,
-                "speedup_vs_first": (results[0].gpu_hours / max(results[0].tokens, 1))
-                / (r.gpu_hours / max(r.tokens, 1)),
+                "speedup_vs_first": (results[0].gpu_hours / results[0].tokens) / (r.gpu_hours / r.tokens)
+                if results[0].tokens and r.tokens and r.gpu_hours > 0 and results[0].gpu_hours > 0
+                else None,
                 "extra": {k: v for k, v in r.extra.items() if isinstance(v, (int, float, str, list))},
             }
             for r in results

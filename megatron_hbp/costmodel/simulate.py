@@ -148,7 +148,11 @@ def simulate_plan(plan, cost_model: CostModel, name: str = "plan") -> SimResult:
         cr=met["CR"],
         tokens=int(met["total_tokens"]),
         num_dropped=int(met["num_dropped"]),
-        extra={"groups": [(g.pack_length, g.cp, g.recompute_layers) for g in groups], "PR": met["PR"]},
+        extra={
+            "groups": [(g.pack_length, g.cp, g.recompute_layers) for g in groups],
+            "group_steps": [int(x["num_steps"]) for x in met["per_group"]],
+            "PR": met["PR"],
+        },
     )
 
 
@@ -590,8 +594,11 @@ def format_table(results: list[SimResult], baseline: int = 0) -> str:
     speed-up against ``results[baseline]`` (same data, same profile), measured per trained token:
     (baseline GPU-hours / its tokens) / (row GPU-hours / row tokens), so a row that drops samples
     (e.g. the planner's ``last_step: drop``) does not look faster for training less."""
-    b = results[baseline]
-    base = b.gpu_hours / max(b.tokens, 1)
+
+    def per_token(r):
+        return r.gpu_hours / r.tokens if r.tokens and r.gpu_hours > 0 else None
+
+    base = per_token(results[baseline])
     lines = [
         "| strategy | ABR | DBR | CR | steps | compute h | CP comm h | DP+opt h | GPU-hours | dropped "
         f"| speed-up vs {results[baseline].name.split(' ')[0]} |",
@@ -601,6 +608,6 @@ def format_table(results: list[SimResult], baseline: int = 0) -> str:
         lines.append(
             f"| {r.name} | {r.abr:.3f} | {r.dbr:.3f} | {r.cr:.3f} | {r.num_steps} | {r.compute_s / 3600:.2f} | "
             f"{r.cp_comm_s / 3600:.3f} | {r.dp_comm_s / 3600:.3f} | {r.gpu_hours:.1f} | {r.num_dropped} | "
-            f"{base / (r.gpu_hours / max(r.tokens, 1)):.2f}x |"
+            + (f"{base / per_token(r):.2f}x |" if base and per_token(r) else "n/a (no token trained) |")
         )
     return "\n".join(lines)
