@@ -86,6 +86,7 @@ def test_simulated_step_hand_case():
     rep1 = t_cp1([600]) + t_cp1([400])
     assert rep0 == pytest.approx(1e-3 + (405450 + 5050) * ATTN_S_PER_PAIR) and rep0 > rep1
     np.testing.assert_allclose(res.step_times, [rep0 + DP_S + OPT_S], rtol=1e-12)
+    assert res.extra["balanced_s"] == pytest.approx((rep0 + rep1) / 2, rel=1e-12)
     # DBR: 1000 vs 1000 tokens -> 0; ABR: 900^2 + 100^2 = 820,000 vs 520,000 -> 1 - 670,000 / 820,000
     assert res.dbr == pytest.approx(0.0)
     assert res.abr == pytest.approx(1 - 670_000 / 820_000)

@@ -84,6 +84,9 @@ def test_simulate_plan_hand_case_cp1():
     step1 = max(t_cp1([300]), t_cp1([500, 500])) + DP_S + OPT_S
     np.testing.assert_allclose(res.step_times, [step0, step1], rtol=1e-12)
     assert res.gpu_hours == pytest.approx((step0 + step1) * 2 / 3600)
+    # a perfect balancer would spread each step's work evenly over the 2 replicas
+    balanced = (t_cp1([1000, 600]) + t_cp1([2000])) / 2 + (t_cp1([300]) + t_cp1([500, 500])) / 2
+    assert res.extra["balanced_s"] == pytest.approx(balanced, rel=1e-12)
     # metrics (HBP.md section 2): step 0 tokens 1600 vs 2000 -> DBR = 400 / (2000*2) = 0.1;
     # step 1: 300 vs 1000 -> 700 / 2000 = 0.35; mean 0.225
     assert res.dbr == pytest.approx(0.225)
@@ -173,6 +176,8 @@ def test_dynamic_cp_hand_case():
     step = (7.5e-4 + 562875 * ATTN_S_PER_PAIR + 5.76e-4) + t_cp1([400]) + DP_S + OPT_S
     np.testing.assert_allclose(res.step_times, [step], rtol=1e-12)
     assert res.cr == pytest.approx(1500 / 2200)
+    g1 = 7.5e-4 + 562875 * ATTN_S_PER_PAIR + 5.76e-4  # both GPUs busy with the CP-2 sample
+    assert res.extra["balanced_s"] == pytest.approx(g1 + (t_cp1([400]) + t_cp1([300])) / 2, rel=1e-12)
     # per GPU tokens: 750 + 400 vs 750 + 300 -> DBR = 100 / (1150 * 2)
     assert res.dbr == pytest.approx(100 / 2300)
     packed = simulate_dynamic_cp(

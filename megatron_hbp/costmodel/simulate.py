@@ -132,6 +132,8 @@ def simulate_plan(plan, cost_model: CostModel, name: str = "plan") -> SimResult:
     rep_time = rep_comp + rep_comm
     slow = _argmax_segments(rep_time, rep_base)
     step_compute, step_comm = rep_comp[slow], rep_comm[slow]
+    # the same work spread evenly over each step's replicas (what a perfect balancer would reach)
+    balanced = float((np.add.reduceat(rep_time, rep_base[:-1]) / n_rep).sum()) if R else 0.0
     mb_mean = np.bincount(step_of_pack, t_comp, minlength=S) / np.maximum(np.diff(spo), 1)
     dp = np.array([cost_model.dp_exposed_time(x) for x in mb_mean]) + cost_model.optimizer_time()
     step_times = step_compute + step_comm + dp
@@ -152,6 +154,7 @@ def simulate_plan(plan, cost_model: CostModel, name: str = "plan") -> SimResult:
             "groups": [(g.pack_length, g.cp, g.recompute_layers) for g in groups],
             "group_steps": [int(x["num_steps"]) for x in met["per_group"]],
             "PR": met["PR"],
+            "balanced_s": balanced,
         },
     )
 
@@ -265,6 +268,7 @@ def simulate_dynamic_cp(
         slot_comm[keys] += pm
     slot_time = (slot_comp + slot_comm).reshape(G, W)
     slow = np.argmax(slot_time, axis=1)
+    balanced = float(slot_time.mean(axis=1).sum())  # each group's work spread evenly over its GPUs
     g_comp = slot_comp.reshape(G, W)[np.arange(G), slow]
     g_comm = slot_comm.reshape(G, W)[np.arange(G), slow]
     gs = np.array(group_step, dtype=np.int64)
@@ -311,6 +315,7 @@ def simulate_dynamic_cp(
             "linear_coef": linear_coef,
             "groups_per_step": G / max(S, 1),
             "micro_batches_per_gpu_step": float(n_mb.sum()) / max(S * W, 1),
+            "balanced_s": balanced,
         },
     )
 
@@ -590,7 +595,10 @@ def run_strategies(
 
 
 def format_table(results: list[SimResult], baseline: int = 0) -> str:
-    """Markdown table: ABR, DBR, CR, steps, time split, epoch GPU-hours, samples dropped and the
+    """Markdown table: ABR, DBR, CR, steps, time split (wall-clock hours of one GPU: compute and
+    exposed CP communication of the slowest replica or GPU, exposed DP reduction + optimizer, and the
+    part of the first two a perfect balancer would remove: "imbalance"), epoch GPU-hours, samples
+    dropped and the
     speed-up against ``results[baseline]`` (same data, same profile), measured per trained token:
     (baseline GPU-hours / its tokens) / (row GPU-hours / row tokens), so a row that drops samples
     (e.g. the planner's ``last_step: drop``) does not look faster for training less."""
@@ -600,14 +608,16 @@ def format_table(results: list[SimResult], baseline: int = 0) -> str:
 
     base = per_token(results[baseline])
     lines = [
-        "| strategy | ABR | DBR | CR | steps | compute h | CP comm h | DP+opt h | GPU-hours | dropped "
-        f"| speed-up vs {results[baseline].name.split(' ')[0]} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | ABR | DBR | CR | steps | compute h | CP comm h | DP+opt h | imbalance h | GPU-hours "
+        f"| dropped | speed-up vs {results[baseline].name.split(' ')[0]} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        imb = r.compute_s + r.cp_comm_s - r.extra.get("balanced_s", r.compute_s + r.cp_comm_s)
         lines.append(
             f"| {r.name} | {r.abr:.3f} | {r.dbr:.3f} | {r.cr:.3f} | {r.num_steps} | {r.compute_s / 3600:.2f} | "
-            f"{r.cp_comm_s / 3600:.3f} | {r.dp_comm_s / 3600:.3f} | {r.gpu_hours:.1f} | {r.num_dropped} | "
+            f"{r.cp_comm_s / 3600:.3f} | {r.dp_comm_s / 3600:.3f} | {imb / 3600:.3f} | {r.gpu_hours:.1f} | "
+            f"{r.num_dropped} | "
             + (f"{base / per_token(r):.2f}x |" if base and per_token(r) else "n/a (no token trained) |")
         )
     return "\n".join(lines)
