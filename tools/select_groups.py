@@ -150,12 +150,17 @@ def main(argv=None) -> int:
     else:
         # the paper's set and the search's best valid sets, scored by the same function on all samples
         cands, seen = [("paper (Alg. 1)", list(sel.groups))], {tuple(sel.groups)}
-        for sc in scored:
-            if len(cands) > a.evaluate_top:
+        if chosen is not None and tuple(chosen) not in seen:
+            seen.add(tuple(chosen))
+            cands.append(("search's choice", list(chosen)))
+        added = 0
+        for rank, sc in enumerate(scored, 1):
+            if added >= a.evaluate_top:
                 break
             if sc.valid and tuple(sc.groups) not in seen:
                 seen.add(tuple(sc.groups))
-                cands.append((f"search #{len(cands)}", sc.groups))
+                cands.append((f"search rank {rank}", sc.groups))
+                added += 1
         final = [
             evaluate_group_set(gs, lengths, cm, tokens_per_step=a.tokens_per_step, seed=a.seed, **plan_kwargs)
             for _, gs in cands
