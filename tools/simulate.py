@@ -68,6 +68,13 @@ def main(argv=None) -> int:
         help="HBP groups as LENGTH:CP,... (default: tokens-per-gpu:1,max-length:max-length/tokens-per-gpu)",
     )
     p.add_argument(
+        "--upstream-cp",
+        type=int,
+        default=None,
+        help="static CP of the dynamic_cp_upstream row (default max-length / tokens-per-gpu; its "
+        "max_seqlen_per_dp_cp_rank is max-length / this)",
+    )
+    p.add_argument(
         "--strategies", default=",".join(KEYS), help=f"comma-separated subset of {', '.join(KEYS)}"
     )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -93,6 +100,7 @@ def main(argv=None) -> int:
                 micro_batches=a.micro_batches,
                 max_length=a.max_length,
                 hbp_groups=groups,
+                upstream_cp=a.upstream_cp,
                 seed=a.seed,
             )
         }

@@ -465,6 +465,7 @@ def default_strategies(
     micro_batches: int = 1,
     max_length: int = 131072,
     hbp_groups: list[tuple[int, int]] | None = None,
+    upstream_cp: int | None = None,
     seed: int = 0,
 ) -> list[Strategy]:
     """The issue's comparison: ISF (one max_length group, CP = max_length / tokens_per_gpu), HBP
@@ -473,7 +474,9 @@ def default_strategies(
 
     Every strategy runs ``tokens_per_gpu`` tokens per GPU per micro-batch and ``micro_batches``
     micro-batches per step, so all steps have the same token capacity. Recompute layers per group
-    are the fewest that fit (``CostModel.min_recompute_layers``)."""
+    are the fewest that fit (``CostModel.min_recompute_layers``). Megatron-LM's packing scheduler
+    runs with a static CP of ``upstream_cp`` (default ``max_length / tokens_per_gpu``) and
+    ``max_length / upstream_cp`` tokens per GPU (its packs hold ``max_length`` tokens either way)."""
     W = cost_model.dp_cp_ranks
     cp_max = max_length // tokens_per_gpu
     if hbp_groups is None:
@@ -521,7 +524,8 @@ def default_strategies(
         Strategy(
             name="Megatron-LM packing scheduler (DpBalanced)",
             key="dynamic_cp_upstream",
-            max_seqlen_per_rank=tokens_per_gpu,
+            max_seqlen_per_rank=max_length // (upstream_cp or cp_max),
+            cp=upstream_cp or cp_max,
             upstream_packing=True,
         ),
         Strategy(
