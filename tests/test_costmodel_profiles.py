@@ -101,3 +101,35 @@ def test_simulate_prints_profile_and_cp_backend(capsys):
     assert "profile: te" in out and "CP backend (cp_impl): allgather" in out and "dense 0.6," in out
     assert tool.main([*argv, "--profile", "nope"]) == 2
     assert "unknown path profile" in capsys.readouterr().err
+
+
+def test_simulate_saved_plans(tmp_path, capsys):
+    """--plans: saved plans simulated as they are; the table's speed-up is per trained token against
+    the first plan, and the seconds line matches simulate_plan on the same cost model."""
+    from megatron_hbp.costmodel import CostModel
+    from megatron_hbp.costmodel.simulate import simulate_plan
+    from megatron_hbp.planner import GroupConfig, PlanConfig, build_plan
+    from megatron_hbp.planner.synth import synth_lengths
+
+    lengths = synth_lengths("short_chat", 0, 0.02)
+    paths = []
+    for name, groups in (
+        ("isf", [GroupConfig(pack_length=8192)]),
+        ("two", [GroupConfig(pack_length=2048), GroupConfig(pack_length=8192)]),
+    ):
+        cfg = PlanConfig(groups=groups, world_size=2, tokens_per_step=65536, last_step="shrink")
+        paths.append(build_plan(lengths, None, cfg).save(tmp_path / f"{name}.npz"))
+    tool = _tool("simulate")
+    argv = ["--plans", ",".join(map(str, paths)), "--model", "llama_1b", "--num-gpus", "2"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"| {paths[0]} |" in out and "1.00x |" in out
+    _, setup = load_path_profile("trainer_h100").resolve()
+    eff, _ = load_path_profile("trainer_h100").resolve()
+    from megatron_hbp.planner import load_plan
+
+    cm = CostModel("llama_1b", "h100_sxm", num_gpus=2, setup=setup, efficiency=eff)
+    secs = simulate_plan(load_plan(paths[1]), cm).epoch_s
+    assert f"{paths[1]}: {secs:.2f} s simulated" in out
+    assert tool.main(["--plans", str(tmp_path / "missing.npz"), "--num-gpus", "2"]) == 2
+    assert tool.main(["--num-gpus", "2"]) == 2

@@ -57,8 +57,14 @@ KEYS = (
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_input_args(p)
+    add_input_args(p, required=False)
     add_cluster_args(p)
+    p.add_argument(
+        "--plans",
+        default=None,
+        help="instead of the strategies: simulate these saved plans (plan.npz, comma-separated; the first "
+        "is the baseline), e.g. the HBP and ISF plans of tools/bench_train_gpu.py",
+    )
     p.add_argument("--tokens-per-gpu", type=int, default=16384, help="tokens per GPU per micro-batch (16384)")
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per replica per step (4)")
     p.add_argument("--max-length", type=int, default=131072, help="ISF pack length / largest group (131072)")
@@ -79,6 +85,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     a = p.parse_args(argv)
+    if a.plans:
+        return simulate_saved_plans(a)
+    if not (a.synth or a.lengths or a.sample_info):
+        print("error: give --synth, --lengths or --sample-info (or --plans)", file=sys.stderr)
+        return 2
     try:
         lengths, loss, desc = read_inputs(a)
         cm = build_cost_model(a)
@@ -186,6 +197,30 @@ def main(argv=None) -> int:
             )
         )
         print(f"wrote {a.json}")
+    return 0
+
+
+def simulate_saved_plans(a) -> int:
+    """``--plans``: simulate saved plans on the cost model (world size = the plan's)."""
+    from megatron_hbp.costmodel.simulate import simulate_plan
+    from megatron_hbp.planner import load_plan
+
+    try:
+        cm = build_cost_model(a)
+        plans = [(path, load_plan(path)) for path in a.plans.split(",") if path]
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe_profile(cm, a.path_profile))
+    print(describe(cm))
+    try:
+        results = [simulate_plan(plan, cm, name=path) for path, plan in plans]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    for r in results:
+        print(f"  {r.name}: {r.epoch_s:.2f} s simulated, {r.tokens / r.epoch_s:,.0f} tokens/s per GPU")
     return 0
 
 

@@ -22,8 +22,8 @@ from megatron_hbp.costmodel.model import CostModel, Efficiency, TrainingSetup
 from megatron_hbp.model_config import available_presets
 
 
-def add_input_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+def add_input_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--sample-info", type=Path, help="sample-info .npz (lengths, loss_tokens, fingerprint)")
     src.add_argument("--lengths", type=Path, help=".npy of per-sample lengths (loss tokens = lengths)")
     src.add_argument(
