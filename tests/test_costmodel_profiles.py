@@ -133,3 +133,14 @@ def test_simulate_saved_plans(tmp_path, capsys):
     assert f"{paths[1]}: {secs:.2f} s simulated" in out
     assert tool.main(["--plans", str(tmp_path / "missing.npz"), "--num-gpus", "2"]) == 2
     assert tool.main(["--num-gpus", "2"]) == 2
+
+
+def test_simulate_reads_a_users_lengths_file(tmp_path, capsys):
+    lengths = np.concatenate([np.full(400, 700), np.full(6, 100_000)]).astype(np.int32)
+    np.save(tmp_path / "mine.npy", lengths)
+    tool = _tool("simulate")
+    argv = ["--lengths", str(tmp_path / "mine.npy"), "--micro-batches", "1", "--strategies", "hbp_ours"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"data: {tmp_path / 'mine.npy'}: 406 samples, 880,000 tokens, max 100000" in out
+    assert "| HBP + BFD + LPT (ours) |" in out

@@ -6,6 +6,8 @@ and the speed-up against the first (ISF) row.
   python tools/simulate.py --lengths cache/tulu3_longcite.npy --micro-batches 1
   python tools/simulate.py --sample-info cache/demo/sample_info.npz --model llama_1b --num-gpus 8
   python tools/simulate.py --synth tulu3_longcite --set attention_mfu=0.3 --json runs/sim.json
+  python tools/simulate.py --synth chat_heavy --profile te --set cp_impl=allgather
+  python tools/simulate.py --plans runs/bench_train/plan_isf.npz,runs/bench_train/plan_hbp.npz --model llama_1b --num-gpus 1
 
 Strategies (``--strategies``, default all; the ISF row is always simulated first as the baseline):
 isf (one max-length group, CP = max-length / tokens-per-gpu, ISF packing, no balancing), hbp_groups

@@ -13,6 +13,14 @@ into global batches of the same token budget as the plans' steps, each batch is 
 micro-batch of its own with its own CP size, groups run one after another (barrier), and
 a group lasts as long as its busiest GPU.
 
+Megatron-LM's current sequence-packing scheduler (``simulate_dynamic_cp_upstream``, a port of
+``DpBalancedScheduler`` at commit d98e8a64, ``dynamic_cp_upstream.py``) gets the same global
+batches; its schedule (next-fit packs in arrival order, static CP) is written as a plan and
+simulated by ``simulate_plan``.
+
+The exposed DP reduction of a step is ``max(0, reduction - mean micro-batch compute)`` (overlap
+with one micro-batch; the mean over the step's micro-batches stands for the one that hides it).
+
 Metrics (HBP.md section 2) for plans come from ``megatron_hbp.planner.metrics``. For dynamic
 CP a "replica" is one GPU and its share of a sample with CP size c is l/c tokens and l^2/c
 attention (the scheduler's own workload measure); CR = tokens of samples run with c > 1 / all.
