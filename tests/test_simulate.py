@@ -84,6 +84,9 @@ def test_simulate_plan_hand_case_cp1():
     step1 = max(t_cp1([300]), t_cp1([500, 500])) + DP_S + OPT_S
     np.testing.assert_allclose(res.step_times, [step0, step1], rtol=1e-12)
     assert res.gpu_hours == pytest.approx((step0 + step1) * 2 / 3600)
+    # a perfect balancer would spread each step's work evenly over the 2 replicas
+    balanced = (t_cp1([1000, 600]) + t_cp1([2000])) / 2 + (t_cp1([300]) + t_cp1([500, 500])) / 2
+    assert res.extra["balanced_s"] == pytest.approx(balanced, rel=1e-12)
     # metrics (HBP.md section 2): step 0 tokens 1600 vs 2000 -> DBR = 400 / (2000*2) = 0.1;
     # step 1: 300 vs 1000 -> 700 / 2000 = 0.35; mean 0.225
     assert res.dbr == pytest.approx(0.225)
@@ -173,12 +176,40 @@ def test_dynamic_cp_hand_case():
     step = (7.5e-4 + 562875 * ATTN_S_PER_PAIR + 5.76e-4) + t_cp1([400]) + DP_S + OPT_S
     np.testing.assert_allclose(res.step_times, [step], rtol=1e-12)
     assert res.cr == pytest.approx(1500 / 2200)
+    g1 = 7.5e-4 + 562875 * ATTN_S_PER_PAIR + 5.76e-4  # both GPUs busy with the CP-2 sample
+    assert res.extra["balanced_s"] == pytest.approx(g1 + (t_cp1([400]) + t_cp1([300])) / 2, rel=1e-12)
     # per GPU tokens: 750 + 400 vs 750 + 300 -> DBR = 100 / (1150 * 2)
     assert res.dbr == pytest.approx(100 / 2300)
     packed = simulate_dynamic_cp(
         np.array([1500, 400, 300]), cm, tokens_per_step=10_000, max_seqlen_per_rank=1000, pack_subsamples=True
     )
     np.testing.assert_allclose(packed.step_times, res.step_times, rtol=1e-12)  # one CP-1 sample per GPU
+
+
+def test_packing_subsamples_only_removes_exposed_dp_time():
+    """2 GPUs, DP reduction overlapped with one (mean) micro-batch: samples [100] x 4 at 1000 tokens per
+    rank -> one group, GPU 0 runs samples 0, 2 and GPU 1 samples 1, 3 (Megatron's scheduler).
+    Unpacked: 4 micro-batches of t1 = t_cp1([100]) each, mean t1, exposed DP_S - t1. Packed: one
+    micro-batch per GPU of t2 = t_cp1([100, 100]), mean t2 >= t1, exposed DP_S - t2 (the old
+    accounting gave the packed records 0 s and exposed all of DP_S)."""
+    assert schedule_step([100] * 4, 1000, 2) == [[[(0, 1), (2, 1)], [(1, 1), (3, 1)]]]
+    cm = unit_model(num_gpus=2, overlap_dp_comm=True)
+    kw = dict(tokens_per_step=10_000, max_seqlen_per_rank=1000, recompute_layers=0)
+    unpacked = simulate_dynamic_cp(np.array([100] * 4), cm, **kw)
+    packed = simulate_dynamic_cp(np.array([100] * 4), cm, pack_subsamples=True, **kw)
+    t1, t2 = t_cp1([100]), t_cp1([100, 100])
+    assert t1 == pytest.approx(1e-4 + 5050 * ATTN_S_PER_PAIR) and t2 == pytest.approx(
+        2e-4 + 10100 * ATTN_S_PER_PAIR
+    )
+    assert t2 < DP_S  # the reduction is longer than either micro-batch: both expose part of it
+    np.testing.assert_allclose(unpacked.step_times, [2 * t1 + (DP_S - t1) + OPT_S], rtol=1e-12)
+    np.testing.assert_allclose(packed.step_times, [t2 + (DP_S - t2) + OPT_S], rtol=1e-12)
+    assert packed.dp_comm_s == pytest.approx(DP_S - t2 + OPT_S)
+    assert unpacked.dp_comm_s == pytest.approx(DP_S - t1 + OPT_S)
+    assert packed.dp_comm_s < unpacked.dp_comm_s
+    assert (
+        packed.extra["micro_batches_per_gpu_step"] == 1 and unpacked.extra["micro_batches_per_gpu_step"] == 2
+    )
 
 
 def test_dynamic_cp_too_long_sample():
@@ -234,9 +265,11 @@ def test_paper_direction_on_tulu3_longcite_subsample():
 
     lengths = synth_lengths("tulu3_longcite", seed=0, scale=0.05)
     cm = CostModel("llama3_1_8b", "h100_sxm", num_gpus=32)
-    strategies = [s for s in default_strategies(cm) if "packed" not in s.name]
+    keys = ("isf", "hbp_groups", "hbp", "hbp_ours", "dynamic_cp", "dynamic_cp_upstream")
+    strategies = [s for s in default_strategies(cm) if s.key in keys]
+    assert [s.key for s in strategies] == list(keys)
     res = run_strategies(lengths, cm, strategies)
-    isf, groups, hbp, ours, dyn = res
+    isf, groups, hbp, ours, dyn, upstream = res
     print("\n" + format_table(res))
     assert isf.gpu_hours > groups.gpu_hours > hbp.gpu_hours
     assert isf.gpu_hours / groups.gpu_hours > 1.1 and isf.gpu_hours / hbp.gpu_hours > 1.3
@@ -244,3 +277,5 @@ def test_paper_direction_on_tulu3_longcite_subsample():
     assert hbp.abr < 0.05 and isf.cr == 1.0 and 0.1 < hbp.cr < 0.35
     assert ours.gpu_hours <= hbp.gpu_hours * 1.01
     assert dyn.gpu_hours > 0
+    # upstream's packing scheduler: static CP 8 for every pack (CR 1), nothing dropped at this size
+    assert upstream.cr == 1.0 and upstream.extra["cp"] == 8 and upstream.tokens == int(lengths.sum())

@@ -9,6 +9,9 @@ Distributions (megatron_hbp.planner.synth.DISTRIBUTIONS):
                   + 2,000 long uniform in [16K, 128K]   (x scale)
   short_chat      100,000 log-normal (median 600, sigma 0.8, clipped [8, 16384]) (x scale)
   long_mix        100,000: 90% log-normal (median 1K, sigma 1.2, <= 64K) + 10% uniform [8K, 64K] (x scale)
+  chat_heavy      600,000: 96% chat (median 500, sigma 0.9, <= 16K) + 3.9% long chats (median 6K,
+                  sigma 0.6, 2K-32K) + 0.1% uniform [32K, 128K] (x scale)
+  code_long       60,000: 75% code (median 2.5K, sigma 1.1, <= 64K) + 25% uniform [16K, 128K] (x scale)
 """
 
 from __future__ import annotations

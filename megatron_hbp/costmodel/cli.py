@@ -10,14 +10,20 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from megatron_hbp.configio import ConfigError, from_dict
-from megatron_hbp.costmodel.hardware import available_hardware
+from megatron_hbp.configio import ConfigError
+from megatron_hbp.costmodel.hardware import (
+    DEFAULT_PATH_PROFILE,
+    PathProfile,
+    available_hardware,
+    available_path_profiles,
+    load_path_profile,
+)
 from megatron_hbp.costmodel.model import CostModel, Efficiency, TrainingSetup
 from megatron_hbp.model_config import available_presets
 
 
-def add_input_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+def add_input_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--sample-info", type=Path, help="sample-info .npz (lengths, loss_tokens, fingerprint)")
     src.add_argument("--lengths", type=Path, help=".npy of per-sample lengths (loss tokens = lengths)")
     src.add_argument(
@@ -42,12 +48,19 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument(
+        "--profile",
+        default=DEFAULT_PATH_PROFILE,
+        help="code-path profile (efficiencies + implementation knobs) by name or YAML: "
+        f"{', '.join(available_path_profiles())} (default {DEFAULT_PATH_PROFILE}: this trainer's path, "
+        "calibrated on an H100; te: a Transformer Engine path, estimates)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override an Efficiency or TrainingSetup field, e.g. --set dense_mfu=0.5 "
-        "--set memory_reserve_gib=6 --set fused_loss=false (repeatable)",
+        help="override an Efficiency or TrainingSetup field of the profile, e.g. --set dense_mfu=0.5 "
+        "--set memory_reserve_gib=6 --set cp_impl=ring (repeatable)",
     )
 
 
@@ -94,18 +107,28 @@ def build_cost_model(a: argparse.Namespace) -> CostModel:
                 f"--set {key}: unknown; Efficiency fields: {', '.join(eff_fields)}; "
                 f"TrainingSetup fields: {', '.join(setup_fields)}"
             )
+    prof = load_path_profile(getattr(a, "profile", None) or DEFAULT_PATH_PROFILE)
+    a.path_profile = prof
+    efficiency, training_setup = prof.resolve(eff, setup)
     return CostModel(
         a.model,
         a.gpu,
         num_gpus=a.num_gpus,
         gpus_per_node=a.gpus_per_node,
-        setup=from_dict(TrainingSetup, setup, where="--set"),
-        efficiency=from_dict(Efficiency, eff, where="--set"),
+        setup=training_setup,
+        efficiency=efficiency,
     )
 
 
 # Printed by describe() in its own words; every other TrainingSetup field is listed when changed.
 _DESCRIBED_SETUP = ("tensor_parallel", "memory_reserve_gib", "fused_loss", "distributed_optimizer", "cp_impl")
+
+
+def describe_profile(cm: CostModel, profile: PathProfile | None) -> str:
+    """One line: the code-path profile and the CP backend the numbers assume."""
+    name = profile.name if profile is not None else "(none: cost-model defaults)"
+    desc = f" -- {profile.description}" if profile is not None and profile.description else ""
+    return f"profile: {name}{desc}; CP backend (cp_impl): {cm.setup.cp_impl}"
 
 
 def describe(cm: CostModel) -> str:

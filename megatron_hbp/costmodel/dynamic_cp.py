@@ -3,7 +3,10 @@
 Followed line by line from megatron-core 0.19.2
 ``megatron/core/pipeline_parallel/hybrid_cp_schedule.py`` (``BalancedCPScheduler``) and
 ``megatron/core/datasets/data_schedule.py`` (``HybridCPDataLoaderWrapper``), minus torch and
-process groups:
+process groups. The scheduler file is byte-identical in NVIDIA/Megatron-LM at commit
+d98e8a64ddf34856e74b24714e3bedb2f5a39553 (2026-08-22), i.e. this is still the current hybrid-CP
+path; Megatron-LM's newer sequence-packing scheduler (static CP) is ``dynamic_cp_upstream.py``.
+What it does:
 
 1. Every step, the sub-samples (documents) of the whole global batch are gathered from all DP
    ranks and sorted by length, longest first.

@@ -22,8 +22,12 @@ its packs are, or how the steps balance. We instead enumerate group sets (every 
 candidate lengths below l_max, each with its best strategy from the same candidate table or
 with CP 1 where that fits one GPU, plus l_max with each CP degree that fits), build the real
 plan for each on the actual length distribution (a subsample for speed), simulate its epoch
-(``simulate.simulate_plan``) and keep the fastest. ``tools/select_groups.py`` then simulates
-both choices on the full data.
+(``simulate.simulate_plan``) and keep the fastest. Search and final evaluation score a set with
+the same function (``evaluate_group_set``: same packer, last-step policy and balancer; GPU-hours
+per trained token times all tokens, so dropped samples never make a set look cheaper); a set
+that leaves a group without any step is never chosen (``GroupSetScore.valid``).
+``tools/select_groups.py`` re-scores the paper's set and the search's best sets on the full data
+and writes the fastest of that evaluation.
 """
 
 from __future__ import annotations
@@ -286,9 +290,63 @@ def simulate_group_set(
 
     cfg = plan_config_for(groups, cost_model.dp_cp_ranks, tokens_per_step, **plan_kwargs)
     plan = build_plan(lengths, None, cfg)
-    return simulate_plan(
-        plan, cost_model, name=" + ".join(f"{g.pack_length // 1024}K/CP{g.cp}" for g in groups)
-    )
+    return simulate_plan(plan, cost_model, name=format_groups(groups, short=True))
+
+
+@dataclass
+class GroupSetScore:
+    """One group set planned and simulated on some lengths (``evaluate_group_set``)."""
+
+    groups: list[GroupChoice]
+    result: object
+    """The ``SimResult`` of its plan."""
+    total_tokens: int
+    """Tokens of the lengths it was planned on (trained + dropped)."""
+
+    @property
+    def gpu_hours(self) -> float:
+        """Simulated GPU-hours of the plan as built (dropped samples not trained)."""
+        return self.result.gpu_hours
+
+    @property
+    def hours(self) -> float:
+        """The score: GPU-hours to train every token at this plan's cost per trained token, so a
+        set that drops samples (the planner's ``last_step: drop``) does not look cheaper."""
+        return self.result.gpu_hours * self.total_tokens / max(self.result.tokens, 1)
+
+    @property
+    def group_steps(self) -> list[int]:
+        return list(self.result.extra["group_steps"])
+
+    @property
+    def empty_groups(self) -> list[GroupChoice]:
+        """Groups that get no step at all: listed in the config, never run (their samples dropped)."""
+        return [g for g, n in zip(self.groups, self.group_steps) if n == 0]
+
+    @property
+    def valid(self) -> bool:
+        return not self.empty_groups
+
+
+def evaluate_group_set(
+    groups: list[GroupChoice], lengths: np.ndarray, cost_model, *, tokens_per_step: int, **plan_kwargs
+) -> GroupSetScore:
+    """The one scoring function of the search and of the final evaluation: the plan for ``groups``
+    (same packer, last-step policy and balancer: ``plan_kwargs``) simulated on ``lengths``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    res = simulate_group_set(groups, lengths, cost_model, tokens_per_step=tokens_per_step, **plan_kwargs)
+    return GroupSetScore(groups=list(groups), result=res, total_tokens=int(lengths.sum()))
+
+
+def pick_fastest(scores: list[GroupSetScore], tolerance: float = 0.0) -> GroupSetScore | None:
+    """The fastest valid set (no group without steps) by ``hours``; among valid sets within
+    ``tolerance`` (relative) of it, the one with the fewest groups. None when no set is valid."""
+    ok = [s for s in scores if s.valid]
+    if not ok:
+        return None
+    fastest = min(s.hours for s in ok)
+    near = [s for s in ok if s.hours <= fastest * (1 + tolerance)]
+    return min(near, key=lambda s: (len(s.groups), s.hours))
 
 
 def select_groups_simulated(
@@ -303,11 +361,12 @@ def select_groups_simulated(
     seed: int = 0,
     progress: bool = False,
     **plan_kwargs,
-) -> tuple[list[GroupChoice], list[tuple[list[GroupChoice], float]]]:
-    """Our improvement: the group set with the fewest simulated GPU-hours on (a subsample of) the
-    real lengths; among sets within ``tolerance`` (relative) of the fastest, the one with the fewest
-    groups (fewer partial steps and process-group switches for a gain the model cannot resolve).
-    Returns (chosen groups, [(groups, GPU-hours)] for every set tried, fastest first)."""
+) -> tuple[list[GroupChoice] | None, list[GroupSetScore]]:
+    """Our improvement: every candidate group set scored by ``evaluate_group_set`` on (a subsample
+    of) the real lengths; the choice is ``pick_fastest(scores, tolerance)`` (None if every set
+    leaves a group without steps). Returns (chosen groups, every set's score, fastest first).
+    ``tools/select_groups.py`` re-scores the best sets on the full data with the same function and
+    writes the fastest of that evaluation."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if sample is not None and len(lengths) > sample:
         rng = np.random.default_rng(seed)
@@ -319,20 +378,13 @@ def select_groups_simulated(
         from tqdm import tqdm
 
         sets = tqdm(sets, desc="simulating group sets", unit="set")
-    scored = []
-    for gs in sets:
-        res = simulate_group_set(
-            gs, sub, cost_model, tokens_per_step=tokens_per_step, seed=seed, **plan_kwargs
-        )
-        # dropped samples would make a set look cheaper; charge them at the set's mean cost per token
-        dropped_tokens = 0 if res.num_dropped == 0 else float(sub.sum()) - res.tokens
-        hours = res.gpu_hours * (1 + dropped_tokens / max(res.tokens, 1))
-        scored.append((gs, hours))
-    scored.sort(key=lambda t: t[1])
-    fastest = scored[0][1]
-    near = [t for t in scored if t[1] <= fastest * (1 + tolerance)]
-    chosen = min(near, key=lambda t: (len(t[0]), t[1]))
-    return chosen[0], scored
+    scored = [
+        evaluate_group_set(gs, sub, cost_model, tokens_per_step=tokens_per_step, seed=seed, **plan_kwargs)
+        for gs in sets
+    ]
+    scored.sort(key=lambda t: t.hours)
+    chosen = pick_fastest(scored, tolerance)
+    return (chosen.groups if chosen is not None else None), scored
 
 
 def format_candidates(selection: Selection) -> str:
@@ -350,5 +402,7 @@ def format_candidates(selection: Selection) -> str:
     return "\n".join(lines)
 
 
-def format_groups(groups: list[GroupChoice]) -> str:
+def format_groups(groups: list[GroupChoice], short: bool = False) -> str:
+    if short:
+        return " + ".join(f"{g.pack_length // 1024}K/CP{g.cp}" for g in groups)
     return ", ".join(f"{g.pack_length // 1024}K/CP{g.cp}/ckpt{g.recompute_layers}" for g in groups)

@@ -13,6 +13,14 @@ into global batches of the same token budget as the plans' steps, each batch is 
 micro-batch of its own with its own CP size, groups run one after another (barrier), and
 a group lasts as long as its busiest GPU.
 
+Megatron-LM's current sequence-packing scheduler (``simulate_dynamic_cp_upstream``, a port of
+``DpBalancedScheduler`` at commit d98e8a64, ``dynamic_cp_upstream.py``) gets the same global
+batches; its schedule (next-fit packs in arrival order, static CP) is written as a plan and
+simulated by ``simulate_plan``.
+
+The exposed DP reduction of a step is ``max(0, reduction - mean micro-batch compute)`` (overlap
+with one micro-batch; the mean over the step's micro-batches stands for the one that hides it).
+
 Metrics (HBP.md section 2) for plans come from ``megatron_hbp.planner.metrics``. For dynamic
 CP a "replica" is one GPU and its share of a sample with CP size c is l/c tokens and l^2/c
 attention (the scheduler's own workload measure); CR = tokens of samples run with c > 1 / all.
@@ -132,6 +140,8 @@ def simulate_plan(plan, cost_model: CostModel, name: str = "plan") -> SimResult:
     rep_time = rep_comp + rep_comm
     slow = _argmax_segments(rep_time, rep_base)
     step_compute, step_comm = rep_comp[slow], rep_comm[slow]
+    # the same work spread evenly over each step's replicas (what a perfect balancer would reach)
+    balanced = float((np.add.reduceat(rep_time, rep_base[:-1]) / n_rep).sum()) if R else 0.0
     mb_mean = np.bincount(step_of_pack, t_comp, minlength=S) / np.maximum(np.diff(spo), 1)
     dp = np.array([cost_model.dp_exposed_time(x) for x in mb_mean]) + cost_model.optimizer_time()
     step_times = step_compute + step_comm + dp
@@ -148,7 +158,12 @@ def simulate_plan(plan, cost_model: CostModel, name: str = "plan") -> SimResult:
         cr=met["CR"],
         tokens=int(met["total_tokens"]),
         num_dropped=int(met["num_dropped"]),
-        extra={"groups": [(g.pack_length, g.cp, g.recompute_layers) for g in groups], "PR": met["PR"]},
+        extra={
+            "groups": [(g.pack_length, g.cp, g.recompute_layers) for g in groups],
+            "group_steps": [int(x["num_steps"]) for x in met["per_group"]],
+            "PR": met["PR"],
+            "balanced_s": balanced,
+        },
     )
 
 
@@ -261,13 +276,24 @@ def simulate_dynamic_cp(
         slot_comm[keys] += pm
     slot_time = (slot_comp + slot_comm).reshape(G, W)
     slow = np.argmax(slot_time, axis=1)
+    balanced = float(slot_time.mean(axis=1).sum())  # each group's work spread evenly over its GPUs
     g_comp = slot_comp.reshape(G, W)[np.arange(G), slow]
     g_comm = slot_comm.reshape(G, W)[np.arange(G), slow]
     gs = np.array(group_step, dtype=np.int64)
     step_comp = np.bincount(gs, g_comp, minlength=S)
     step_comm = np.bincount(gs, g_comm, minlength=S)
-    n_mb = np.maximum(np.bincount(step_arr, minlength=S), 1)
-    mb_mean = np.bincount(step_arr, comp, minlength=S) / n_mb
+    # mean compute of the step's micro-batches (the one that hides the DP reduction): every
+    # unpacked (sub-sample, GPU) record is a micro-batch; with pack_subsamples each GPU's CP-1
+    # sub-samples of a group are ONE micro-batch with the packed compute (their records carry 0)
+    own = np.ones(len(length), dtype=bool) if packed_slots is None else cp_arr > 1
+    n_mb = np.bincount(step_arr[own], minlength=S).astype(np.float64)
+    mb_sum = np.bincount(step_arr[own], comp[own], minlength=S).astype(np.float64)
+    if packed_slots is not None:
+        keys, pc, _ = packed_slots
+        slot_step = gs[keys // W]
+        n_mb += np.bincount(slot_step, minlength=S)
+        mb_sum += np.bincount(slot_step, pc, minlength=S)
+    mb_mean = mb_sum / np.maximum(n_mb, 1)
     dp = np.array([cost_model.dp_exposed_time(x) for x in mb_mean]) + cost_model.optimizer_time()
     # balance metrics per step over GPUs: a sample's share on each of its cp GPUs is l/cp, l^2/cp
     sg = step_arr * W + np.array(rec_gpu, dtype=np.int64)
@@ -296,17 +322,134 @@ def simulate_dynamic_cp(
             "recompute_layers": k,
             "linear_coef": linear_coef,
             "groups_per_step": G / max(S, 1),
-            "micro_batches_per_gpu_step": len(length) / max(S * W, 1),
+            "micro_batches_per_gpu_step": float(n_mb.sum()) / max(S * W, 1),
+            "balanced_s": balanced,
         },
     )
+
+
+def _fewest_recompute(cost_model: CostModel, max_seqlen_per_rank: int, cp: int, what: str) -> int:
+    k = cost_model.min_recompute_layers(max_seqlen_per_rank * cp, cp)
+    if k is None:
+        raise ValueError(
+            f"{what}: {max_seqlen_per_rank} tokens per GPU at CP {cp} do not fit even with full recompute"
+        )
+    return k
+
+
+def simulate_dynamic_cp_upstream(
+    lengths: np.ndarray,
+    cost_model: CostModel,
+    *,
+    tokens_per_step: int,
+    max_seqlen_per_rank: int,
+    cp: int | None = None,
+    recompute_layers: int | None = None,
+    seed: int = 0,
+    name: str = "Megatron-LM packing scheduler",
+) -> SimResult:
+    """Megatron-LM's current sequence-packing scheduler (``dynamic_cp_upstream.DpBalancedScheduler``)
+    on the DP x CP ranks of ``cost_model``.
+
+    The same shuffled global batches as ``simulate_dynamic_cp`` (``global_batches``); each is
+    scheduled by upstream's next-fit in arrival order on the CP-padded lengths with a cap of
+    ``max_seqlen_per_rank * cp`` tokens per pack, the pack count aligned to a multiple of the DP
+    size, micro-batch i of DP replica r = pack ``i * dp + r``, CP size ``cp`` for every pack
+    (upstream's static ``context_parallel_size``; default: the smallest power of two whose cap
+    holds the longest CP-padded sample). The schedule is then written as a plan (one group of
+    pack length = the cap, a varying number of micro-batches per step) and simulated by
+    ``simulate_plan``, so its times and metrics are defined exactly as for the HBP rows. A global
+    batch upstream cannot schedule (its alignment assertion; only a short last batch can hit it) is
+    counted in ``num_dropped``. ``recompute_layers``: one global setting, default the fewest that
+    fit ``max_seqlen_per_rank`` tokens per GPU at ``cp``."""
+    from megatron_hbp.costmodel.dynamic_cp_upstream import schedule_step_upstream
+    from megatron_hbp.planner.plan import ARRAY_KEYS, Plan
+
+    W = cost_model.dp_cp_ranks
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if cp is None:
+        cp = 1
+        while cp < W and int(cp_padded(lengths.max(keepdims=True), cp)[0]) > max_seqlen_per_rank * cp:
+            cp *= 2
+    if W % cp:
+        raise ValueError(f"upstream packing scheduler: CP {cp} does not divide the {W} DP x CP ranks")
+    cap = max_seqlen_per_rank * cp
+    padded = cp_padded(lengths, cp)
+    if padded.max() > cap:
+        raise ValueError(
+            f"upstream packing scheduler: a sample of {int(lengths.max())} tokens (CP-padded "
+            f"{int(padded.max())}) exceeds max_seqlen_per_rank x CP = {cap}; upstream would run it as an "
+            "over-long pack: raise max_seqlen_per_rank or the CP size"
+        )
+    k = (
+        recompute_layers
+        if recompute_layers is not None
+        else _fewest_recompute(cost_model, max_seqlen_per_rank, cp, "upstream packing scheduler")
+    )
+    dp = W // cp
+    samples, poff, spo, smb = [], [0], [0], []
+    n_dropped, dropped_tokens = 0, 0
+    for batch in global_batches(lengths, tokens_per_step, seed):
+        try:
+            mbs = schedule_step_upstream(padded[batch], max_seqlen_per_rank, cp, dp)
+        except ValueError:
+            n_dropped += len(batch)
+            dropped_tokens += int(lengths[batch].sum())
+            continue
+        for r in range(dp):  # plans list packs replica-major: replica r, micro-batch i
+            for mb in mbs:
+                samples.extend(batch[mb[r]].tolist())
+                poff.append(len(samples))
+        spo.append(len(poff) - 1)
+        smb.append(len(mbs))
+    samples = np.array(samples, dtype=np.int64)
+    plen = lengths[samples].astype(np.int32)
+    poff = np.array(poff, dtype=np.int64)
+    S = len(smb)
+    arrays = {
+        "samples": samples,
+        "lengths": plen,
+        "pack_offsets": poff,
+        "pack_loss_tokens": np.add.reduceat(plen.astype(np.int64), poff[:-1]) if len(plen) else poff[:0],
+        "step_pack_offsets": np.array(spo, dtype=np.int64),
+        "step_group": np.zeros(S, dtype=np.int32),
+        "step_micro_batches": np.array(smb, dtype=np.int32),
+        "step_epoch": np.zeros(S, dtype=np.int32),
+        "step_loss_tokens": np.zeros(S, dtype=np.int64),
+        "dropped_indices": np.zeros(0, dtype=np.int64),
+        "dropped_reasons": np.zeros(0, dtype=np.int8),
+        "dropped_epochs": np.zeros(0, dtype=np.int32),
+    }
+    assert set(arrays) == set(ARRAY_KEYS)
+    cfg = PlanConfig(
+        groups=[GroupConfig(pack_length=cap, cp=cp, recompute_layers=k)],
+        world_size=W,
+        micro_batches_per_step=1,
+        packer="isf",
+        balance="none",
+    )
+    plan = Plan(config=cfg, arrays=arrays, num_samples=len(lengths), fingerprint=None, lengths_sha256="")
+    res = simulate_plan(plan, cost_model, name=name)
+    res.num_dropped = n_dropped
+    res.extra.update(
+        max_seqlen_per_rank=max_seqlen_per_rank,
+        cp=cp,
+        recompute_layers=k,
+        dropped_tokens=dropped_tokens,
+        micro_batches_per_step=float(np.mean(smb)) if smb else 0.0,
+    )
+    return res
 
 
 # ---------------------------------------------------------------------- strategies
 @dataclass(frozen=True, kw_only=True)
 class Strategy:
-    """One row of the comparison: a plan config, or Megatron's dynamic CP."""
+    """One row of the comparison: a plan config, Megatron's hybrid (dynamic) CP, or Megatron-LM's
+    sequence-packing scheduler (``upstream_packing``)."""
 
     name: str
+    key: str = ""
+    """Short name used by ``tools/simulate.py --strategies``."""
     plan: PlanConfig | None = None
     """Plan config for planner strategies (None for dynamic CP)."""
     max_seqlen_per_rank: int | None = None
@@ -317,6 +460,10 @@ class Strategy:
     """Dynamic CP only: what-if that packs each GPU's CP=1 sub-samples of a group into one micro-batch."""
     linear_coef: float = 0.0
     """Dynamic CP only: what-if workload (linear_coef l + l^2) / cp instead of Megatron's l^2 / cp."""
+    upstream_packing: bool = False
+    """Megatron-LM's ``DpBalancedScheduler`` (``simulate_dynamic_cp_upstream``) instead of hybrid CP."""
+    cp: int | None = None
+    """``upstream_packing`` only: the static CP size (None: the smallest that holds the longest sample)."""
 
 
 def default_strategies(
@@ -326,6 +473,7 @@ def default_strategies(
     micro_batches: int = 1,
     max_length: int = 131072,
     hbp_groups: list[tuple[int, int]] | None = None,
+    upstream_cp: int | None = None,
     seed: int = 0,
 ) -> list[Strategy]:
     """The issue's comparison: ISF (one max_length group, CP = max_length / tokens_per_gpu), HBP
@@ -334,7 +482,9 @@ def default_strategies(
 
     Every strategy runs ``tokens_per_gpu`` tokens per GPU per micro-batch and ``micro_batches``
     micro-batches per step, so all steps have the same token capacity. Recompute layers per group
-    are the fewest that fit (``CostModel.min_recompute_layers``)."""
+    are the fewest that fit (``CostModel.min_recompute_layers``). Megatron-LM's packing scheduler
+    runs with a static CP of ``upstream_cp`` (default ``max_length / tokens_per_gpu``) and
+    ``max_length / upstream_cp`` tokens per GPU (its packs hold ``max_length`` tokens either way)."""
     W = cost_model.dp_cp_ranks
     cp_max = max_length // tokens_per_gpu
     if hbp_groups is None:
@@ -356,24 +506,45 @@ def default_strategies(
     return [
         Strategy(
             name=f"ISF {max_length // 1024}K/CP{cp_max}",
+            key="isf",
             plan=cfg(isf, packer="isf", greedy_fill=False, balance="none"),
         ),
         Strategy(
-            name="HBP groups (no balance)", plan=cfg(hbp, packer="isf", greedy_fill=True, balance="none")
+            name="HBP groups (no balance)",
+            key="hbp_groups",
+            plan=cfg(hbp, packer="isf", greedy_fill=True, balance="none"),
         ),
-        Strategy(name="HBP (paper: sort)", plan=cfg(hbp, packer="isf", greedy_fill=True, balance="sort")),
+        Strategy(
+            name="HBP (paper: sort)",
+            key="hbp",
+            plan=cfg(hbp, packer="isf", greedy_fill=True, balance="sort"),
+        ),
         Strategy(
             name="HBP + BFD + LPT (ours)",
+            key="hbp_ours",
             plan=cfg(hbp, packer="bfd", greedy_fill=True, balance="lpt", cost_linear_coef=float(coef)),
         ),
-        Strategy(name="dynamic-CP (Megatron)", max_seqlen_per_rank=tokens_per_gpu),
         Strategy(
-            name="dynamic-CP, packed sub-samples (what-if)",
+            name="Megatron hybrid CP (BalancedCPScheduler)",
+            key="dynamic_cp",
+            max_seqlen_per_rank=tokens_per_gpu,
+        ),
+        Strategy(
+            name="Megatron-LM packing scheduler (DpBalanced)",
+            key="dynamic_cp_upstream",
+            max_seqlen_per_rank=max_length // (upstream_cp or cp_max),
+            cp=upstream_cp or cp_max,
+            upstream_packing=True,
+        ),
+        Strategy(
+            name="hybrid CP, packed sub-samples (what-if)",
+            key="dynamic_cp_packed",
             max_seqlen_per_rank=tokens_per_gpu,
             pack_subsamples=True,
         ),
         Strategy(
-            name="dynamic-CP, packed + linear+l^2 cost (what-if)",
+            name="hybrid CP, packed + linear+l^2 cost (what-if)",
+            key="dynamic_cp_packed_linear",
             max_seqlen_per_rank=tokens_per_gpu,
             pack_subsamples=True,
             linear_coef=float(coef),
@@ -406,6 +577,18 @@ def run_strategies(
         else:
             if tokens_per_step is None:
                 raise ValueError("dynamic CP needs tokens_per_step (or a plan strategy before it)")
+        if s.plan is None and s.upstream_packing:
+            res = simulate_dynamic_cp_upstream(
+                lengths,
+                cost_model,
+                tokens_per_step=tokens_per_step,
+                max_seqlen_per_rank=s.max_seqlen_per_rank,
+                cp=s.cp,
+                recompute_layers=s.recompute_layers,
+                seed=seed,
+                name=s.name,
+            )
+        elif s.plan is None:
             res = simulate_dynamic_cp(
                 lengths,
                 cost_model,
@@ -424,16 +607,29 @@ def run_strategies(
 
 
 def format_table(results: list[SimResult], baseline: int = 0) -> str:
-    """Markdown table: ABR, DBR, CR, steps, epoch GPU-hours, speed-up vs ``results[baseline]``."""
-    base = results[baseline].gpu_hours
+    """Markdown table: ABR, DBR, CR, steps, time split (wall-clock hours of one GPU: compute and
+    exposed CP communication of the slowest replica or GPU, exposed DP reduction + optimizer, and the
+    part of the first two a perfect balancer would remove: "imbalance"), epoch GPU-hours, samples
+    dropped and the
+    speed-up against ``results[baseline]`` (same data, same profile), measured per trained token:
+    (baseline GPU-hours / its tokens) / (row GPU-hours / row tokens), so a row that drops samples
+    (e.g. the planner's ``last_step: drop``) does not look faster for training less."""
+
+    def per_token(r):
+        return r.gpu_hours / r.tokens if r.tokens and r.gpu_hours > 0 else None
+
+    base = per_token(results[baseline])
     lines = [
-        "| strategy | ABR | DBR | CR | steps | compute h | CP comm h | DP+opt h | GPU-hours | GPU-days | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | ABR | DBR | CR | steps | compute h | CP comm h | DP+opt h | imbalance h | GPU-hours "
+        f"| dropped | speed-up vs {results[baseline].name.split(' ')[0]} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        imb = r.compute_s + r.cp_comm_s - r.extra.get("balanced_s", r.compute_s + r.cp_comm_s)
         lines.append(
             f"| {r.name} | {r.abr:.3f} | {r.dbr:.3f} | {r.cr:.3f} | {r.num_steps} | {r.compute_s / 3600:.2f} | "
-            f"{r.cp_comm_s / 3600:.3f} | {r.dp_comm_s / 3600:.3f} | {r.gpu_hours:.1f} | {r.gpu_hours / 24:.2f} | "
-            f"{base / r.gpu_hours:.2f}x |"
+            f"{r.cp_comm_s / 3600:.3f} | {r.dp_comm_s / 3600:.3f} | {imb / 3600:.3f} | {r.gpu_hours:.1f} | "
+            f"{r.num_dropped} | "
+            + (f"{base / per_token(r):.2f}x |" if base and per_token(r) else "n/a (no token trained) |")
         )
     return "\n".join(lines)

@@ -38,7 +38,43 @@ def long_mix(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     return out[rng.permutation(len(out))]
 
 
-DISTRIBUTIONS = {"tulu3_longcite": tulu3_longcite, "short_chat": short_chat, "long_mix": long_mix}
+def chat_heavy(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Chat-heavy SFT: ``round(600k * scale)`` samples, 96 % chat turns (log-normal median 500, sigma
+    0.9, [8, 16384]), 3.9 % long conversations (log-normal median 6000, sigma 0.6, [2048, 32768]),
+    0.1 % long-context documents (uniform [32768, 131072]); shuffled."""
+    n = round(600_000 * scale)
+    n_long, n_conv = round(n * 0.001), round(n * 0.039)
+    parts = [
+        _lognormal(rng, n - n_long - n_conv, 500.0, 0.9, 8, 16384),
+        _lognormal(rng, n_conv, 6000.0, 0.6, 2048, 32768),
+        rng.integers(32768, 131072, n_long, endpoint=True).astype(np.int32),
+    ]
+    out = np.concatenate(parts)
+    return out[rng.permutation(len(out))]
+
+
+def code_long(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Code-heavy SFT with many long samples: ``round(60k * scale)`` samples, 75 % code files and
+    chats (log-normal median 2500, sigma 1.1, [32, 65536]) and 25 % repository-level samples
+    (uniform [16384, 131072]); shuffled."""
+    n = round(60_000 * scale)
+    n_long = round(n * 0.25)
+    out = np.concatenate(
+        [
+            _lognormal(rng, n - n_long, 2500.0, 1.1, 32, 65536),
+            rng.integers(16384, 131072, n_long, endpoint=True).astype(np.int32),
+        ]
+    )
+    return out[rng.permutation(len(out))]
+
+
+DISTRIBUTIONS = {
+    "tulu3_longcite": tulu3_longcite,
+    "short_chat": short_chat,
+    "long_mix": long_mix,
+    "chat_heavy": chat_heavy,
+    "code_long": code_long,
+}
 
 
 def synth_lengths(name: str, seed: int = 0, scale: float = 1.0) -> np.ndarray:
