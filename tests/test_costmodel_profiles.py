@@ -24,7 +24,7 @@ def test_shipped_profiles():
     eff, setup = load_path_profile("trainer_h100").resolve()
     assert (eff.dense_mfu, eff.attention_mfu, eff.microbatch_overhead_s) == (0.338, 0.294, 0.0097)
     assert setup.attention_expand_kv and setup.rope_impl == "unfused" and setup.swiglu_impl == "unfused"
-    assert setup.cp_impl == "allgather"
+    assert setup.cp_impl == "ulysses"
     eff, setup = load_path_profile("te").resolve()
     assert eff == Efficiency() and setup == TrainingSetup()
     # overrides on top of a profile (what --set does)
@@ -92,7 +92,7 @@ def test_simulate_prints_profile_and_cp_backend(capsys):
     argv += ["--micro-batches", "1"]
     assert tool.main(argv) == 0
     out = capsys.readouterr().out
-    assert "profile: trainer_h100" in out and "CP backend (cp_impl): allgather" in out
+    assert "profile: trainer_h100" in out and "CP backend (cp_impl): ulysses" in out
     assert (
         "| ISF 128K/CP8 |" in out and "| Megatron-LM packing scheduler (DpBalanced) |" in out
     )  # ISF always first

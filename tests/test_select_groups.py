@@ -249,7 +249,7 @@ def test_tool_writes_the_fastest_evaluated_set_never_one_with_an_idle_group(tmp_
     rc, cap = _run_tool([*base, "--output", str(out)], capsys)
     assert rc == 0, cap.err
     text = cap.out
-    assert "profile: trainer_h100" in text and "CP backend (cp_impl): allgather" in text
+    assert "profile: trainer_h100" in text and "CP backend (cp_impl): ulysses" in text
     search_choice = text.split("search's choice: ")[1].splitlines()[0]
     rows = [r for r in text.split("Full-data evaluation")[1].splitlines() if r.startswith("| ")][1:]
     scores = {}
