@@ -340,10 +340,16 @@ def test_cp_seam_passes_the_configured_backend(monkeypatch, capsys):
     assert cp_seam.cp_backend("te") == "auto" and cp_seam.cp_backend("te") == "auto"
     assert capsys.readouterr().out.count("Transformer Engine's context parallelism is not used") == 1
     seen = []
-    monkeypatch.setattr(megatron_hbp.cp, "cp_attention", lambda *a, **kw: seen.append(kw["backend"]))
+    monkeypatch.setattr(megatron_hbp.cp, "cp_attention", lambda *a, **kw: seen.append(("ag", kw["backend"])))
+    monkeypatch.setattr(
+        megatron_hbp.cp, "ulysses_attention", lambda *a, **kw: seen.append(("u", kw["backend"]))
+    )
     for b in ("sdpa", "varlen", "te", "auto"):
-        cp_seam.cp_attention(None, None, None, None, None, None, backend=b)
-    assert seen == ["sdpa", "varlen", "auto", "auto"]
+        cp_seam.cp_attention(None, None, None, None, None, None, backend=b)  # default: Ulysses
+        cp_seam.cp_attention(None, None, None, None, None, None, backend=b, cp_impl="allgather")
+    assert seen == [(impl, b) for b in ("sdpa", "varlen", "auto", "auto") for impl in ("u", "ag")]
+    with pytest.raises(ValueError, match="cp_impl 'ring' unknown"):
+        cp_seam.cp_attention(None, None, None, None, None, None, cp_impl="ring")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The one place the trainer touches context parallelism (``megatron_hbp.cp``).
 
-Until ``megatron_hbp.cp`` exists the trainer runs CP = 1 only; a plan asking for CP > 1
-then fails at start with a clear message (``require_cp``), never mid-training.
+``resolve_cp_impl`` turns the run's ``cp_backend`` into the CP attention the trainer runs
+(Ulysses by default, the all-gather as fallback) at pre-flight; ``cp_attention`` dispatches a
+CP > 1 micro-batch to it; ``require_cp`` keeps a clear start-up error should the package be
+missing.
 """
 
 from __future__ import annotations
