@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_hbp.cp.attention import _check_qkv, _pick_backend, _varlen_fn, _varlen_has_gqa
 from megatron_hbp.cp.sharding import _as_tuple, _check_real, _unshard_perm_cpu, validate_cp_layout
 from megatron_hbp.headlayout import check_ulysses_heads, kv_heads_per_rank
 
@@ -309,8 +310,6 @@ def _causal_block(a: int, b: int, device: torch.device) -> torch.Tensor:
 def _attend(qg, kg, vg, lay: _Layout, scale: float, backend: str) -> torch.Tensor:
     """The packed causal attention every rank runs on its head shard (whole documents)."""
     if backend == "varlen":
-        from megatron_hbp.cp.attention import _varlen_fn, _varlen_has_gqa
-
         kwargs = {}
         if qg.shape[1] != kg.shape[1]:
             if _varlen_has_gqa():
@@ -322,12 +321,6 @@ def _attend(qg, kg, vg, lay: _Layout, scale: float, backend: str) -> torch.Tenso
             qg, kg, vg, lay.cu, lay.cu, lay.max_len, lay.max_len, scale=scale, window_size=(-1, 0), **kwargs
         )
     return _DocumentAttention.apply(qg, kg, vg, lay.spans, scale)
-
-
-def _pick_backend(backend: str, q: torch.Tensor) -> str:
-    from megatron_hbp.cp.attention import _pick_backend as pick
-
-    return pick(backend, q)
 
 
 def ulysses_attention(
@@ -350,8 +343,6 @@ def ulysses_attention(
     ``backend``: ``auto`` (varlen on CUDA fp16/bf16, else the exact per-document attention),
     ``sdpa`` (the per-document attention), ``varlen``.
     """
-    from megatron_hbp.cp.attention import _check_qkv
-
     _check_qkv(q, k, v)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q has {q.shape[0]} tokens, k/v {k.shape[0]}: all are the same local shard")
