@@ -302,12 +302,16 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int) -> list[dict]:
+def _spawn(world: int, worker=None) -> list[dict]:
+    """Run ``worker(rank, world, init_file, out_dir)`` (default: this module's) on ``world`` gloo
+    processes; return what each rank saved as ``out_dir/rank{r}.pt``."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.start_processes(_dist_worker, args=(world, init_file, tmp), nprocs=world, start_method="spawn")
+        mp.start_processes(
+            worker or _dist_worker, args=(world, init_file, tmp), nprocs=world, start_method="spawn"
+        )
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
 

@@ -12,14 +12,13 @@ tests/test_cp_attention.py (explicit scores in float64, no code shared with cp/)
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
 
 from megatron_hbp.cp import cp_attention, shard_for_cp
 from megatron_hbp.cp.ulysses import check_ulysses_heads, kv_heads_per_rank, ulysses_comm_bytes
-from tests.test_cp_attention import make_case, rel_err
+from tests.test_cp_attention import _spawn, make_case, rel_err
 
 TOL_FP32 = 1e-5
 
@@ -161,23 +160,14 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.start_processes(_dist_worker, args=(world, init_file, tmp), nprocs=world, start_method="spawn")
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def dist2():
-    return _spawn(2)
+    return _spawn(2, _dist_worker)
 
 
 @pytest.fixture(scope="module")
 def dist4():
-    return _spawn(4)
+    return _spawn(4, _dist_worker)
 
 
 def _numel(shape):

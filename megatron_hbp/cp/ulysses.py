@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_hbp.cp.attention import _check_qkv, _pick_backend, _varlen_fn, _varlen_has_gqa
 from megatron_hbp.cp.sharding import _as_tuple, _check_real, _unshard_perm_cpu, validate_cp_layout
 from megatron_hbp.headlayout import check_ulysses_heads, kv_heads_per_rank
 
@@ -170,21 +171,22 @@ class _SeqToHead(torch.autograd.Function):
             [q.reshape(t, c, hq_r * d), ks.reshape(t, c, m * d), vs.reshape(t, c, m * d)], dim=2
         ).transpose(0, 1)
         recv = _all_to_all(send.contiguous(), group)  # [c (source rank), t, W]
-        g = recv[lay.src, lay.row]  # [T, W] in global (document) order
-        qg, kg, vg = g.split([hq_r * d, m * d, m * d], dim=1)
+        # gather each part in global (document) order straight into its own contiguous tensor
+        rq, rk, rv = recv.split([hq_r * d, m * d, m * d], dim=2)
         return (
-            qg.reshape(-1, hq_r, d).contiguous(),
-            kg.reshape(-1, m, d).contiguous(),
-            vg.reshape(-1, m, d).contiguous(),
+            rq[lay.src, lay.row].view(-1, hq_r, d),
+            rk[lay.src, lay.row].view(-1, m, d),
+            rv[lay.src, lay.row].view(-1, m, d),
         )
 
     @staticmethod
     def backward(ctx, dqg, dkg, dvg):
         group, c, t, hq, hkv, d, hq_r, m, kv_index, lay = ctx.meta
         T = dqg.shape[0]
-        g = torch.cat([dqg.reshape(T, -1), dkg.reshape(T, -1), dvg.reshape(T, -1)], dim=1)
-        recv = g.new_empty((c, t, g.shape[1]))
-        recv[lay.src, lay.row] = g  # a permutation: every slot written once
+        recv = dqg.new_empty((c, t, (hq_r + 2 * m) * d))
+        rq, rk, rv = recv.split([hq_r * d, m * d, m * d], dim=2)
+        for part, grad in ((rq, dqg), (rk, dkg), (rv, dvg)):  # a permutation: every slot written once
+            part[lay.src, lay.row] = grad.reshape(T, -1)
         send = _all_to_all(recv, group).transpose(0, 1)  # [t, c (destination rank), W]
         dq, dk_sel, dv_sel = send.split([hq_r * d, m * d, m * d], dim=2)
         dq = dq.reshape(t, hq, d)
@@ -308,8 +310,6 @@ def _causal_block(a: int, b: int, device: torch.device) -> torch.Tensor:
 def _attend(qg, kg, vg, lay: _Layout, scale: float, backend: str) -> torch.Tensor:
     """The packed causal attention every rank runs on its head shard (whole documents)."""
     if backend == "varlen":
-        from megatron_hbp.cp.attention import _varlen_fn, _varlen_has_gqa
-
         kwargs = {}
         if qg.shape[1] != kg.shape[1]:
             if _varlen_has_gqa():
@@ -321,12 +321,6 @@ def _attend(qg, kg, vg, lay: _Layout, scale: float, backend: str) -> torch.Tenso
             qg, kg, vg, lay.cu, lay.cu, lay.max_len, lay.max_len, scale=scale, window_size=(-1, 0), **kwargs
         )
     return _DocumentAttention.apply(qg, kg, vg, lay.spans, scale)
-
-
-def _pick_backend(backend: str, q: torch.Tensor) -> str:
-    from megatron_hbp.cp.attention import _pick_backend as pick
-
-    return pick(backend, q)
 
 
 def ulysses_attention(
@@ -349,8 +343,6 @@ def ulysses_attention(
     ``backend``: ``auto`` (varlen on CUDA fp16/bf16, else the exact per-document attention),
     ``sdpa`` (the per-document attention), ``varlen``.
     """
-    from megatron_hbp.cp.attention import _check_qkv
-
     _check_qkv(q, k, v)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q has {q.shape[0]} tokens, k/v {k.shape[0]}: all are the same local shard")
