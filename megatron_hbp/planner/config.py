@@ -183,6 +183,8 @@ class PlanConfig:
             )
         if self.epochs < 1:
             raise ConfigError(f"plan config: epochs must be >= 1, got {self.epochs}")
+        if self.seed < 0:
+            raise ConfigError(f"plan config: seed must be >= 0 (a numpy seed), got {self.seed}")
 
     def replicas(self, g: int) -> int:
         """Data-parallel replicas of group ``g`` (world_size / cp)."""
