@@ -892,6 +892,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a LLaMA-shaped model with Megatron-Core from an HBP plan "
         "(launch with torchrun or srun; one process = one GPU, or one CPU rank with gloo).",
+        epilog="examples:\n"
+        "  torchrun --nproc-per-node 2 examples/pretrain_llama_hbp.py --config configs/demo_tiny.yaml\n"
+        "  python examples/pretrain_llama_hbp.py --config configs/llama3_1_8b_128k_hbp.yaml --dry-run\n"
+        "  torchrun --nproc-per-node 8 examples/pretrain_llama_hbp.py --config my.yaml --set optimizer.lr=1e-5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--config", required=True, help="run YAML (configs/demo_tiny.yaml, configs/llama3_1_8b_128k_hbp.yaml)"
