@@ -77,6 +77,20 @@ def test_preflight_mistakes(demo_cfg, override, expect):
     assert not Path("/nonexistent/typo.npz").exists()
 
 
+def test_sample_info_elsewhere_on_purpose(tmp_path):
+    from megatron_hbp.mcore.config import load_train_config
+    from megatron_hbp.mcore.preflight_checks import check_sample_info_override
+
+    cfg_path = ROOT / "configs" / "demo_tiny.yaml"
+    ov = [f"data.sample_info={tmp_path / 'si.npz'}"]
+    with pytest.raises(
+        ConfigError, match="add --set data.build_if_missing=true to build it there on purpose"
+    ):
+        check_sample_info_override(cfg_path, ov, load_train_config(cfg_path, ov))
+    ov.append("data.build_if_missing=true")
+    check_sample_info_override(cfg_path, ov, load_train_config(cfg_path, ov))  # no error
+
+
 def test_real_launch_stops_before_the_model(demo_cfg):
     # The bug: --dry-run said "pre-flight ok", then every rank died in the model build (97 lines).
     err = one_line_error(train("--config", demo_cfg, "--set", "attention_backend=varlen"))

@@ -71,10 +71,11 @@ def check_device_settings(cfg, *, on_cuda: bool) -> list[str]:
 def check_sample_info_override(config_path: str | os.PathLike, overrides: list[str], cfg) -> None:
     """A ``--set data.sample_info=PATH`` that names no file, in a config that would build the demo
     data there, is a typo until proven otherwise: the demo data is built only at the path the
-    config file itself names."""
-    given = [ov.split("=", 1)[1] for ov in overrides if ov.split("=", 1)[0].strip() == "data.sample_info"]
-    if not given or not (cfg.data.demo and cfg.data.build_if_missing):
-        return
+    config file itself names, or where ``--set data.build_if_missing=true`` asks for it."""
+    keys = [ov.split("=", 1)[0].strip() for ov in overrides]
+    given = [ov.split("=", 1)[1] for k, ov in zip(keys, overrides) if k == "data.sample_info"]
+    if not given or not (cfg.data.demo and cfg.data.build_if_missing) or "data.build_if_missing" in keys:
+        return  # (building elsewhere on purpose: --set data.build_if_missing=true says so)
     path = cfg.data.sample_info
     if Path(path).exists():
         return
@@ -83,7 +84,8 @@ def check_sample_info_override(config_path: str | os.PathLike, overrides: list[s
         return
     raise ConfigError(
         f"--set data.sample_info={given[-1]}: no such file, and {config_path} would build the demo data "
-        f"there; the demo data is built only at the config's own path ({own}). Fix the path, or drop the --set"
+        f"there; the demo data is built only at the config's own path ({own}). Fix the path, or add "
+        "--set data.build_if_missing=true to build it there on purpose"
     )
 
 
