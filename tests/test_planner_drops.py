@@ -165,3 +165,54 @@ def test_plan_cli_prints_the_warning(tmp_path):
         "Dropped samples by length (tokens: dropped / planned sample-epochs): 65537-131072: 10/10."
         in r.stdout
     )
+
+
+def test_select_groups_then_plan_round_trip(tmp_path):
+    # The bug: select_groups wrote `last_step: drop` with 2M-token steps for a small data set and
+    # the plan gave the long group 0 steps, dropping every sample over 16K without a warning.
+    rng = np.random.default_rng(0)
+    short = np.clip(np.rint(np.exp(rng.normal(np.log(300), 1.0, 3000))), 8, 16384)
+    lengths = np.concatenate([short, rng.integers(16385, 60000, 30)]).astype(np.int32)
+    np.save(tmp_path / "l.npy", lengths)
+
+    def tool(name, *args):
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    tool(
+        "select_groups.py",
+        "--lengths",
+        tmp_path / "l.npy",
+        "--model",
+        "llama_1b",
+        "--num-gpus",
+        8,
+        "--output",
+        tmp_path / "sel.yaml",
+    )
+    for over in ("", ":last_step=drop"):
+        r = tool(
+            "plan.py",
+            "--lengths",
+            tmp_path / "l.npy",
+            "--config",
+            f"{tmp_path / 'sel.yaml'}{over}",
+            "--output",
+            tmp_path / f"plan{over}",
+            "--json",
+        )
+        rep = __import__("json").loads(r.stdout)
+        groups = rep["per_group"]
+        assert len(groups) >= 2 and groups[-1]["pack_length"] > 16384
+        assert all(g["num_steps"] >= 1 for g in groups), groups  # no group without steps
+        assert sum(g["num_samples"] for g in groups) + rep["num_dropped"] == len(lengths)
+        if not over:
+            assert rep["num_dropped"] == 0 and "warning:" not in r.stderr
+        assert rep["drops"]["whole_groups_dropped"] == []
