@@ -250,3 +250,15 @@ def test_empty_response_is_a_skip_kind(tmp_path, tok):
         preprocess(path, tmp_path / "si.npz", tokenizer=tok)
     info = preprocess(path, tmp_path / "si.npz", tokenizer=tok, on_error="skip").info
     assert info.line.tolist() == [1, 3] and info.stats["skipped_bad_input"] == {"empty_response": 1}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_first_error_in_file_order(tmp_path, tok, workers):
+    # A bad line in the first file is reported before the truncation of the second, whatever
+    # the read-ahead of the workers (found running the quickstart on a folder of files).
+    gz, _, _ = truncated_gz(tmp_path)
+    lines = chat_lines(300)
+    lines[10] = "{oops"
+    a = write_jsonl(tmp_path / "a.jsonl", lines)
+    with pytest.raises(DataError, match=r"a\.jsonl:11: malformed JSON"):
+        preprocess([a, gz], tmp_path / "si.npz", tokenizer=tok, workers=workers)  # one chunk per file

@@ -218,13 +218,17 @@ def _parallel(chunks, workers: int, initargs: tuple):
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs)
     pending: deque = deque()
+    read_error = None  # raised once the chunks read before it are delivered (errors stay in file order)
     try:
         it = iter(chunks)
         more = True
         while more or pending:
             try:
                 while more and len(pending) < 4 * workers:
-                    c = next(it, None)
+                    try:
+                        c = next(it, None)
+                    except DataError as e:
+                        c, read_error = None, e
                     if c is None:
                         more = False
                     else:
@@ -238,6 +242,8 @@ def _parallel(chunks, workers: int, initargs: tuple):
                 ) from None
             if result is not None:
                 yield result
+        if read_error is not None:
+            raise read_error
     finally:
         for f in pending:
             f.cancel()
