@@ -153,3 +153,15 @@ def test_check_overrides():
         check_overrides(TrainConfig, ["max_steps=three"])
     with pytest.raises(ConfigError, match=r"^--set seedd=1: unknown key 'seedd' \(did you mean 'seed'\?\)"):
         check_overrides(TrainConfig, ["seedd=1"])
+
+
+def test_import_warnings_printed_once_by_rank_0(demo_cfg):
+    # Megatron's TE/Apex/deprecation warnings used to be printed by every rank.
+    import collections
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(TRAIN),
+           "--config", str(demo_cfg), "--dry-run"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warned = collections.Counter(ln for ln in (r.stdout + r.stderr).splitlines() if "UserWarning" in ln)
+    assert warned and set(warned.values()) == {1}, warned
