@@ -165,3 +165,14 @@ def test_import_warnings_printed_once_by_rank_0(demo_cfg):
     assert r.returncode == 0, r.stderr[-3000:]
     warned = collections.Counter(ln for ln in (r.stdout + r.stderr).splitlines() if "UserWarning" in ln)
     assert warned and set(warned.values()) == {1}, warned
+    # A config mistake: one error line for the launch, not one per rank.
+    r = subprocess.run(cmd + ["--set", "dtype=bf16"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # (torchrun prints its own ChildFailedError traceback; none comes from our code)
+    assert (
+        r.returncode != 0
+        and "megatron_hbp/" not in r.stderr
+        and 'pretrain_llama_hbp.py", line' not in r.stderr
+    )
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: dtype=bf16 needs a GPU (CPU runs compute in fp32); use dtype: auto (bf16 on GPU, fp32 on CPU) or fp32"
+    ]

@@ -30,6 +30,7 @@ __all__ = [
     "dry_run_world",
     "launched",
     "quiet_other_ranks",
+    "report_error_here",
     "tensorboard_available",
 ]
 
@@ -87,6 +88,12 @@ def check_sample_info_override(config_path: str | os.PathLike, overrides: list[s
         f"there; the demo data is built only at the config's own path ({own}). Fix the path, or add "
         "--set data.build_if_missing=true to build it there on purpose"
     )
+
+
+def report_error_here(error: Exception) -> bool:
+    """Print ``error`` on this rank? A ConfigError comes from the config and the command line,
+    the same on every rank: only rank 0 prints it (one line, not one per rank)."""
+    return not (isinstance(error, ConfigError) and int(os.environ.get("RANK", "0") or 0) > 0)
 
 
 def launched() -> bool:

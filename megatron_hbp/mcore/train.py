@@ -955,7 +955,8 @@ def main(argv=None) -> int:
             return 0
         run(cfg)
     except (TrainSetupError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if checks.report_error_here(e):  # a config error is the same on every rank: rank 0 says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return 2
