@@ -61,11 +61,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         value = float(value)  # YAML 1.1 (PyYAML) reads 5.7344e4 (no dot, no sign) as a string
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if tp is float and isinstance(value, float):
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: {value!r} is not a finite number; give a finite value >= 0")
-        if value < 0:
-            raise ConfigError(f"{where}: {value!r} is negative; give a value >= 0")
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number; give a finite value >= 0")
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
@@ -89,11 +86,17 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T
     hints_by_name = typing.get_type_hints(cls)
     kwargs = {k: _convert(hints_by_name[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except TypeError as e:  # missing required fields
         raise ConfigError(f"{where}: {e}") from None
     except ConfigError as e:  # a value check in __post_init__: say where the value came from
         raise ConfigError(f"{where}: {e}") from None
+    # No float setting of the project is meaningfully negative; checked after the class's own
+    # checks, whose messages are more specific.
+    for k, v in kwargs.items():
+        if _strip_optional(hints_by_name[k]) is float and isinstance(v, float) and v < 0:
+            raise ConfigError(f"{where}.{k}: {v!r} is negative; give a value >= 0")
+    return obj
 
 
 def check_overrides(cls: type, overrides: list[str]) -> None:
@@ -127,7 +130,9 @@ def check_overrides(cls: type, overrides: list[str]) -> None:
             except yaml.YAMLError as e:
                 raise ConfigError(f"--set {ov}: the value is not valid YAML ({e})".splitlines()[0]) from None
             if not (dataclasses.is_dataclass(_strip_optional(node)) and isinstance(parsed, dict)):
-                _convert(node, parsed, f"--set {ov}")
+                v = _convert(node, parsed, f"--set {ov}")
+                if _strip_optional(node) is float and isinstance(v, float) and v < 0:
+                    raise ConfigError(f"--set {ov}: {v!r} is negative; give a value >= 0")
 
 
 def to_dict(obj: Any) -> Any:

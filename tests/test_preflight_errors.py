@@ -134,11 +134,15 @@ def test_yaml_exponent_floats_and_float_checks(tmp_path):
         "groups: [{pack_length: 16}]\nworld_size: 1\nmicro_batches_per_step: 1\ncost_linear_coef: 5.7344e4\n"
     )
     assert load_plan_config(p).cost_linear_coef == 57344.0
-    for bad, what in ((".nan", "not a finite number"), (".inf", "not a finite number"), ("-1.5", "negative")):
+    for bad, what in (
+        (".nan", "not a finite number"),
+        (".inf", "not a finite number"),
+        ("-1.5", "must be >= 0, got -1.5"),
+    ):
         p.write_text(
             f"groups: [{{pack_length: 16}}]\nworld_size: 1\nmicro_batches_per_step: 1\ncost_linear_coef: {bad}\n"
         )
-        with pytest.raises(ConfigError, match=rf"p\.yaml\.cost_linear_coef: .*{what}"):
+        with pytest.raises(ConfigError, match=rf"p\.yaml(\.cost_linear_coef)?: .*{what}"):
             load_plan_config(p)
     p.write_text("groups: [{pack_length: 16}]\nworld_size: 1\nmicro_batches_per_step: 1\nseed: -1\n")
     with pytest.raises(ConfigError, match=r"p\.yaml: plan config: seed must be >= 0"):
@@ -176,3 +180,16 @@ def test_import_warnings_printed_once_by_rank_0(demo_cfg):
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
         "error: dtype=bf16 needs a GPU (CPU runs compute in fp32); use dtype: auto (bf16 on GPU, fp32 on CPU) or fp32"
     ]
+
+
+def test_negative_float_without_its_own_check(tmp_path):
+    from megatron_hbp.mcore.config import load_train_config
+
+    cfg = yaml.safe_load((ROOT / "configs" / "demo_tiny.yaml").read_text())
+    cfg["optimizer"]["clip_grad"] = -1.0
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(
+        ConfigError, match=r"run\.yaml\.optimizer\.clip_grad: -1\.0 is negative; give a value >= 0"
+    ):
+        load_train_config(p)
