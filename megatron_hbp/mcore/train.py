@@ -710,6 +710,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         "loss_normalization": cfg.loss_normalization,
         "plan_path": str(cfg.plan.path),
         "distributed_optimizer": oc.use_distributed_optimizer,
+        "cp_backend": cfg.cp_backend,
     }
     start = 0
     if cfg.checkpoint.load:
@@ -718,7 +719,8 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
                 cfg.checkpoint.load, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
                 current_meta=meta, distributed_optimizer=oc.use_distributed_optimizer,
             )  # fmt: skip
-        except (ckpt.CheckpointMismatchError, FileNotFoundError) as e:
+        except (ckpt.CheckpointMismatchError, ckpt.CheckpointCorruptError, ckpt.UnsafeCheckpointError,
+                FileNotFoundError) as e:  # fmt: skip
             raise TrainSetupError(str(e)) from None
         if rank == 0:
             print(f"[hbp] resumed from {cfg.checkpoint.load}: next plan step {start}", flush=True)
@@ -861,7 +863,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         if save_now:
             path = ckpt.save_checkpoint(
                 cfg.checkpoint.dir, done, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
-                meta=meta, distributed_optimizer=oc.use_distributed_optimizer,
+                meta=meta, distributed_optimizer=oc.use_distributed_optimizer, keep_last=cfg.checkpoint.keep_last,
             )  # fmt: skip
             if rank == 0:
                 print(f"[hbp] saved checkpoint {path}", flush=True)
