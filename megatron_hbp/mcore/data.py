@@ -107,7 +107,13 @@ def make_loader(
     ds = MicroBatchDataset(items, samples, pad_id=pad_id, loss_normalization=loss_normalization)
     kwargs = {}
     if num_workers > 0:
-        kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False)
+        # Its own generator: starting the workers draws their base seed from it, not from the
+        # global torch RNG, whose state a checkpoint restores (resume stays bitwise exact).
+        kwargs = dict(
+            prefetch_factor=prefetch_factor,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(0),
+        )
     return torch.utils.data.DataLoader(
         ds,
         batch_size=None,

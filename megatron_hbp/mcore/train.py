@@ -23,6 +23,7 @@ import functools
 import gc
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -34,6 +35,7 @@ import torch
 
 from megatron_hbp.configio import ConfigError, to_dict
 from megatron_hbp.mcore.config import OptimizerConfig, TrainConfig, load_train_config
+from megatron_hbp.mcore.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatcher
 from megatron_hbp.model_config import ModelConfig, load_model_config
 
 
@@ -649,6 +651,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     model_parallel_cuda_manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)  # noqa: NPY002 - seeds third-party code using the global RNG
+    random.seed(cfg.seed)  # so is Python's (every RNG a checkpoint restores starts from the seed)
     dp_rank = parallel_state.get_data_parallel_rank()
     degrees = sorted({int(g.cp) for g in plan.groups})
     cp_groups = None
@@ -763,6 +766,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             flush=True,
         )
     model.train()
+    preempt = PreemptionWatcher().install()  # SIGTERM / SIGUSR1: finish the step, save, stop
     for s in range(start, end):
         step = plan.step(s)
         set_recompute(model, int(step.recompute_layers))
@@ -860,13 +864,20 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0)
             or (cfg.checkpoint.save_at_end and done == end)
         )
-        if save_now:
+        stop = preempt.requested(device)
+        path = None
+        if save_now or (stop and cfg.checkpoint.dir):
             path = ckpt.save_checkpoint(
                 cfg.checkpoint.dir, done, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
                 meta=meta, distributed_optimizer=oc.use_distributed_optimizer, keep_last=cfg.checkpoint.keep_last,
             )  # fmt: skip
             if rank == 0:
                 print(f"[hbp] saved checkpoint {path}", flush=True)
+        if stop:
+            preempt.close()
+            logger.close()
+            raise Preempted(done, path, preempt.signame)
+    preempt.close()
     logger.close()
     return records
 
@@ -935,6 +946,11 @@ def main(argv=None) -> int:
                 print(f"[hbp] pre-flight ok: plan of {prep.plan.num_steps} steps for {prep.dp_size} ranks")
             return 0
         run(cfg)
+    except Preempted as e:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"[hbp] {e}; exit code {EXIT_PREEMPTED}", flush=True)
+        _shutdown()
+        return EXIT_PREEMPTED
     except (TrainSetupError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if torch.distributed.is_initialized():
