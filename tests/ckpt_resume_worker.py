@@ -35,7 +35,9 @@ def _cfg(work: Path, ckdir: str | None = None, load: str | None = None, **kw):
         model="tiny",
         data=DataConfig(sample_info=str(work / "info.npz"), num_workers=1, prefetch_factor=2),
         plan=PlanSource(path=str(work / "plan_cp.npz")),
-        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2, clip_grad=1.0, use_distributed_optimizer=True),
+        optimizer=OptimizerConfig(
+            lr=1e-3, warmup_steps=2, clip_grad=1.0, use_distributed_optimizer=kw.pop("distopt", True)
+        ),
         checkpoint=ck,
         dtype=kw.pop("dtype", "fp32"),
         max_steps=kw.pop("max_steps", END),
@@ -112,6 +114,31 @@ def scenario_tp2(work: Path, rank: int) -> dict:
     return {"straight": _summary(straight), "first": first, "second": _summary(second)}
 
 
+def scenario_tp1_plain(work: Path, rank: int) -> dict:
+    """TP 1, plain optimizer: the reference for the TP changes; saves at CUT and END."""
+    from megatron_hbp.mcore.train import run
+
+    return _summary(run(_cfg(work, "ck_tp1_plain", distopt=False, save_interval=CUT)))
+
+
+def scenario_tp2_plain(work: Path, rank: int) -> dict:
+    """TP 2 (4 ranks), plain optimizer: train to CUT and save (resumed at TP 1 below); and resume
+    the TP 1 checkpoint of step CUT at TP 2 to END."""
+    from megatron_hbp.mcore.config import ParallelConfig
+    from megatron_hbp.mcore.train import run
+
+    tp2 = ParallelConfig(tp=2)
+    first = run(_cfg(work, "ck_tp2_plain", distopt=False, max_steps=CUT, parallel=tp2))
+    up = run(_cfg(work, "ck_tp2_from_tp1", load=f"ck_tp1_plain/step_{CUT}", distopt=False, parallel=tp2))
+    return {"first": _summary(first), "from_tp1": _summary(up)}
+
+
+def scenario_tp1_from_tp2(work: Path, rank: int) -> dict:
+    from megatron_hbp.mcore.train import run
+
+    return _summary(run(_cfg(work, "ck_tp1_from_tp2", load="ck_tp2_plain", distopt=False)))
+
+
 def scenario_bf16(work: Path, rank: int) -> dict:
     """bf16 on CPU: 4 steps straight vs 2 + resume to 4 (bitwise)."""
     from megatron_hbp.mcore.train import run
@@ -162,6 +189,9 @@ SCENARIOS = {
     "preempt": scenario_preempt,
     "bf16": scenario_bf16,
     "tp2": scenario_tp2,
+    "tp1_plain": scenario_tp1_plain,
+    "tp2_plain": scenario_tp2_plain,
+    "tp1_from_tp2": scenario_tp1_from_tp2,
     "kill_step": scenario_kill_step,
     "kill_save": scenario_kill_save,
     "resume_kill_step": _resume("ck_kill_step"),

@@ -212,3 +212,67 @@ def test_kill_9_in_the_middle_of_a_save(tmp_path):
     _save(d, 2)  # the next save clears the leftover
     assert sorted(p.name for p in d.iterdir()) == ["latest", "step_1", "step_2"]
     assert _load(d)[0] == 2
+
+
+def test_preemption_watcher_records_sigterm_and_sigusr1_and_restores_handlers():
+    import signal
+
+    from megatron_hbp.mcore.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatcher
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        w = PreemptionWatcher().install()
+        try:
+            assert not w.requested()
+            os.kill(os.getpid(), sig)  # the process survives: the handler only records it
+            assert w.requested() and w.signame == sig.name
+        finally:
+            w.close()
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+    assert EXIT_PREEMPTED == 75
+    assert (
+        str(Preempted(42, Path("ck/step_42"), "SIGUSR1"))
+        == "pre-empted by SIGUSR1 after plan step 41: saved ck/step_42"
+    )
+    assert "nothing saved (checkpoint.dir is not set)" in str(Preempted(3, None, "SIGTERM"))
+
+
+def test_preemption_watcher_leaves_forked_children_their_default_action():
+    """A data-loader worker forked while the watcher is installed still dies on SIGTERM."""
+    import signal
+
+    from megatron_hbp.mcore.preemption import PreemptionWatcher
+
+    w = PreemptionWatcher().install()
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: wait for the signal; the default action ends it
+            import time
+
+            time.sleep(30)
+            os._exit(0)
+        import time
+
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert not w.requested()  # the parent did not receive anything
+    finally:
+        w.close()
+
+
+def test_tp_change_is_refused_where_it_cannot_be_resharded_naming_what_works():
+    from megatron_hbp.mcore.checkpoint import _tp_change_blocker
+
+    saved = {"tp": 2, "pp": 1, "world_size": 4, "distributed_optimizer": False}
+    assert _tp_change_blocker(saved, {"tp": 1, "pp": 1, "world_size": 2}, False) is None
+    assert _tp_change_blocker(saved, {"tp": 1, "pp": 1, "world_size": 4}, False) == (
+        "changing TP on resume keeps the data x context ranks (2 saved, 4 now): launch 2 processes for tp=1"
+    )
+    assert "use_distributed_optimizer: false" in _tp_change_blocker(
+        saved, {"tp": 1, "pp": 1, "world_size": 2}, True
+    )
+    assert "pipeline parallel size 1" in _tp_change_blocker(
+        dict(saved, pp=2), {"tp": 1, "pp": 2, "world_size": 2}, False
+    )

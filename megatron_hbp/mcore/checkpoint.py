@@ -21,15 +21,16 @@ Every file is read weights-only (``torch.load(weights_only=True)``): tensors, nu
 and plain containers. The RNG states are stored as tensors and tuples (no NumPy objects) for
 that reason; a file carrying any other pickled object is refused before anything in it runs.
 
-Why not Megatron's distributed checkpointing: it needs ``sharded_state_dict`` support from
-every module in the local spec plus a storage backend; per-rank files are exact, simple and
-enough for resuming with the same parallel layout (the layout is part of the manifest and
-checked). With Megatron's distributed optimizer the sharded Adam states are gathered to
-data-parallel rank 0 of each (TP, PP) slice (``get_parameter_state_dp_zero``) and scattered
-back (``load_parameter_state_from_dp_zero``).
+Megatron's distributed checkpointing (``torch_dist``) is not used yet: besides
+``sharded_state_dict`` support in every module, its reader unpickles the ``.metadata`` file of
+``torch.distributed.checkpoint`` with plain ``pickle.load``, which would break the rule above.
+With Megatron's distributed optimizer the sharded Adam states are gathered to data-parallel rank
+0 of each (TP, PP) slice (``get_parameter_state_dp_zero``) and scattered back
+(``load_parameter_state_from_dp_zero``).
 
 ``--load`` refuses a checkpoint made from a different plan (plan hash), model config, or
-parallel layout, with a message naming what differs.
+parallel layout, with a message naming what differs; a different TP size with the same data x
+context ranks, PP 1 and the plain optimizer is re-split on load (``ckpt_reshard``).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _set_rng_states(states: dict) -> None:
     np.random.set_state(  # noqa: NPY002
         (n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
-    get_cuda_rng_tracker().set_states(states["tracker"])
+    if "tracker" in states:  # absent after a TP change for a TP rank the checkpoint did not have
+        get_cuda_rng_tracker().set_states(states["tracker"])
 
 
 def _dist_opt_name() -> str:
@@ -232,8 +234,8 @@ def resolve_checkpoint(path, *, rank: int = 0) -> Path:
     return select_step(path, check=_distributed_check, warn=lambda m: rank == 0 and print(m, flush=True))
 
 
-def check_compatible(saved: dict, current: dict, path) -> None:
-    """Raise ``CheckpointMismatchError`` naming every key that differs."""
+def check_compatible(saved: dict, current: dict, path, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ``CheckpointMismatchError`` naming every key that differs (except those in ``ignore``)."""
     diffs = []
     for key in (
         "plan_hash",
@@ -244,7 +246,7 @@ def check_compatible(saved: dict, current: dict, path) -> None:
         "loss_normalization",
         "distributed_optimizer",
     ):
-        if saved.get(key) != current.get(key):
+        if key not in ignore and saved.get(key) != current.get(key):
             what = {
                 "plan_hash": "plan",
                 "model": "model config",
@@ -299,7 +301,7 @@ def _load_dist_opt_state(optimizer, loaded) -> None:
         st["step"] = step.clone()
 
 
-_LOAD_ERRORS = (CheckpointCorruptError, UnsafeCheckpointError, FileNotFoundError)
+_LOAD_ERRORS = (CheckpointCorruptError, UnsafeCheckpointError, FileNotFoundError, CheckpointMismatchError)
 
 
 def _agreed(fn):
@@ -313,8 +315,23 @@ def _agreed(fn):
     errors = [e for e in _gather(err) if e]
     if errors:
         kind, msg = errors[0]
-        raise {c.__name__: c for c in _LOAD_ERRORS}[kind](msg)
+        raise {c.__name__: c for c in _LOAD_ERRORS}.get(kind, CheckpointMismatchError)(msg)
     return result
+
+
+def _tp_change_blocker(saved: dict, current: dict, distributed_optimizer: bool) -> str | None:
+    """Why a checkpoint saved at another TP size cannot be re-split here (None: it can)."""
+    if saved.get("pp") != 1 or current.get("pp") != 1:
+        return "changing TP on resume needs pipeline parallel size 1"
+    if distributed_optimizer or saved.get("distributed_optimizer"):
+        return "changing TP on resume needs optimizer.use_distributed_optimizer: false (saved and now)"
+    ds, dc = saved["world_size"] // saved["tp"], current["world_size"] // current["tp"]
+    if ds != dc:
+        return (
+            f"changing TP on resume keeps the data x context ranks ({ds} saved, {dc} now): launch "
+            f"{ds * current['tp']} processes for tp={current['tp']}"
+        )
+    return None
 
 
 def load_checkpoint(
@@ -328,13 +345,43 @@ def load_checkpoint(
     """
     path = resolve_checkpoint(path, rank=rank)
     saved_meta = json.loads((path / "meta.json").read_text())
-    check_compatible(saved_meta, current_meta, path)
+    tp_saved, tp_now = saved_meta.get("tp"), current_meta.get("tp")
+    if tp_saved != tp_now:
+        why = _tp_change_blocker(saved_meta, current_meta, distributed_optimizer)
+        if why:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was saved with tensor parallel size {tp_saved} (now {tp_now}): {why}"
+            )
+    check_compatible(
+        saved_meta, current_meta, path, ignore=("tp", "world_size") if tp_saved != tp_now else ()
+    )
+
+    def read_resharded():
+        from megatron.core import parallel_state
+
+        from megatron_hbp.configio import from_dict
+        from megatron_hbp.mcore.ckpt_reshard import reshard_states, saved_ranks
+        from megatron_hbp.model_config import ModelConfig
+
+        files = [path / _rank_name(r) for r in saved_ranks(parallel_state.get_data_parallel_rank(), tp_saved)]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"checkpoint {path} has no {f.name}")
+        states = [safe_load(f) for f in files]
+        cfg = from_dict(ModelConfig, saved_meta["model"], str(path / "meta.json"))
+        return reshard_states(
+            states, cfg=cfg, tp=tp_now, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            model=model, optimizer=optimizer,
+        )  # fmt: skip
 
     def read():
         f = path / _rank_name(rank)
-        if not f.is_file():
+        if tp_saved != tp_now:
+            state = read_resharded()
+        elif not f.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no file for rank {rank} ({f.name})")
-        state = safe_load(f)
+        else:
+            state = safe_load(f)
         if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "steps_done"} <= set(
             state
         ):
