@@ -128,11 +128,16 @@ class ParallelConfig:
     tp: int = 1
     """Tensor parallel size."""
     pp: int = 1
-    """Pipeline parallel size."""
+    """Pipeline parallel size (only 1: PP is not supported with HBP plans yet)."""
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"parallel: tp and pp must be >= 1 (tp={self.tp}, pp={self.pp})")
+        if self.pp > 1:  # runs, but never checked against pp = 1; checkpoints and init_from refuse it
+            raise ConfigError(
+                f"parallel.pp={self.pp}: PP is not supported with HBP plans yet; use pp: 1 (scale with "
+                "tp and the plan's data x context ranks)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
