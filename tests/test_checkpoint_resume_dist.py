@@ -205,9 +205,10 @@ def test_bf16_on_cpu_resumes_bitwise(work):
     assert len(r["second"]["loss"]) == 2 and all(x == x for x in r["second"]["loss"])  # not NaN
 
 
-def test_cli_sigterm_from_outside_exits_75_and_resume_is_bitwise(tmp_path):
+def test_cli_sigterm_exits_75_resume_is_bitwise_and_a_crafted_pickle_is_refused(tmp_path):
     """The real thing, one plain process: ``examples/pretrain_llama_hbp.py`` gets SIGTERM from this
-    test once it has logged a step; it saves, exits with 75; ``--load`` continues bitwise."""
+    test once it has logged a step; it saves, exits with 75; ``--load`` continues bitwise. Then
+    ``--load`` of a tampered copy of that checkpoint is refused."""
     import signal
     import time
 
@@ -275,3 +276,28 @@ def test_cli_sigterm_from_outside_exits_75_and_resume_is_bitwise(tmp_path):
     straight = [{k: r[k] for k in keys} for r in records("straight")]
     assert [{k: r[k] for k in keys} for r in records("first")] == straight[:done]
     assert [{k: r[k] for k in keys} for r in records("second")] == straight[done:]
+
+    # --load of a checkpoint whose rank file carries a pickle that would run code (manifest
+    # updated to match): refused with one line, exit 2, and the code does not run
+    import hashlib
+    import shutil
+
+    class Evil:
+        def __reduce__(self):
+            return (os.makedirs, (str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "bad" / f"step_{done}"
+    shutil.copytree(ck / f"step_{done}", bad)
+    state = safe_load(bad / "rank_00000.pt")
+    state["scheduler"] = {"x": Evil()}
+    torch.save(state, bad / "rank_00000.pt")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    data = (bad / "rank_00000.pt").read_bytes()
+    manifest["files"]["rank_00000.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    p = subprocess.run(cmd("bad", "--load", str(bad.parent)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert errors == [p.stderr.strip().splitlines()[-1]] and len(errors) == 1, p.stderr[-3000:]
+    assert f"{bad / 'rank_00000.pt'}: refused to load" in errors[0] and "os.makedirs" in errors[0], errors
+    assert not (tmp_path / "pwned").exists()
