@@ -34,7 +34,7 @@ def _cfg(work: Path, ckdir: str | None = None, load: str | None = None, **kw):
     return TrainConfig(
         model="tiny",
         data=DataConfig(sample_info=str(work / "info.npz"), num_workers=1, prefetch_factor=2),
-        plan=PlanSource(path=str(work / "plan_cp.npz")),
+        plan=PlanSource(path=str(work / kw.pop("plan", "plan_cp.npz"))),
         optimizer=OptimizerConfig(
             lr=1e-3, warmup_steps=2, clip_grad=1.0, use_distributed_optimizer=kw.pop("distopt", True)
         ),
@@ -139,6 +139,28 @@ def scenario_tp1_from_tp2(work: Path, rank: int) -> dict:
     return _summary(run(_cfg(work, "ck_tp1_from_tp2", load="ck_tp2_plain", distopt=False)))
 
 
+def scenario_dp2_plain(work: Path, rank: int) -> dict:
+    """2 data-parallel ranks, CP 1 plan, plain optimizer: the reference; saves at CUT."""
+    from megatron_hbp.mcore.train import run
+
+    return _summary(run(_cfg(work, "ck_dp2", plan="plan_dp.npz", distopt=False, save_interval=CUT)))
+
+
+def scenario_dp1(work: Path, rank: int) -> dict:
+    """1 process running the 2-rank plan (each step accumulates both replicas): from scratch to CUT,
+    resumed from the 2-rank checkpoint to END; and the CP 2 plan, which 1 rank cannot run."""
+    from megatron_hbp.mcore.train import TrainSetupError, run
+
+    fresh = run(_cfg(work, None, plan="plan_dp.npz", distopt=False, max_steps=CUT))
+    resumed = run(_cfg(work, "ck_dp1", load=f"ck_dp2/step_{CUT}", plan="plan_dp.npz", distopt=False))
+    try:
+        run(_cfg(work, None, distopt=False))
+        refused = ""
+    except TrainSetupError as e:
+        refused = str(e)
+    return {"fresh": _summary(fresh), "resumed": _summary(resumed), "cp_plan": refused}
+
+
 def scenario_bf16(work: Path, rank: int) -> dict:
     """bf16 on CPU: 4 steps straight vs 2 + resume to 4 (bitwise)."""
     from megatron_hbp.mcore.train import run
@@ -192,6 +214,8 @@ SCENARIOS = {
     "tp1_plain": scenario_tp1_plain,
     "tp2_plain": scenario_tp2_plain,
     "tp1_from_tp2": scenario_tp1_from_tp2,
+    "dp2_plain": scenario_dp2_plain,
+    "dp1": scenario_dp1,
     "kill_step": scenario_kill_step,
     "kill_save": scenario_kill_save,
     "resume_kill_step": _resume("ck_kill_step"),

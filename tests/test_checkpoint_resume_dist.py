@@ -58,14 +58,17 @@ def work(tmp_path_factory):
         world_size=2, tokens_per_step=768, seed=0,
     )  # fmt: skip
     build_plan(info.lengths, info.loss_tokens, cfg, fingerprint=info.fingerprint).save(w / "plan_cp.npz")
+    dp = PlanConfig(groups=[GroupConfig(pack_length=256)], world_size=2, micro_batches_per_step=2, seed=0)
+    build_plan(info.lengths, info.loss_tokens, dp, fingerprint=info.fingerprint).save(w / "plan_dp.npz")
     out = {}
-    out["main"] = _launch(w, ["straight", "preempt", "bf16", "tp1_plain"])
+    out["main"] = _launch(w, ["straight", "preempt", "bf16", "tp1_plain", "dp2_plain"])
     out["kill_step"] = _launch(w, ["kill_step"], expect_fail=True)
     out["resume_then_kill_save"] = _launch(w, ["resume_kill_step", "kill_save"], expect_fail=True)
     out["latest_after_kill_save"] = (w / "ck_kill_save" / "latest").read_text()
     out["resume_kill_save"] = _launch(w, ["resume_kill_save"])
     out["tp2"] = _launch(w, ["tp2", "tp2_plain"], nproc=4)
     out["tp1_from_tp2"] = _launch(w, ["tp1_from_tp2"])
+    out["dp1"] = _launch(w, ["dp1"], nproc=1)
     return w, out
 
 
@@ -196,6 +199,29 @@ def test_resume_tp2_checkpoint_at_tp1_and_tp1_at_tp2(work):
     for k, v in b.items():
         if isinstance(v, torch.Tensor):
             assert (a[k] - v).abs().max() <= 1e-5 * v.abs().max() + 1e-7, k
+
+
+def test_fewer_data_parallel_ranks_accumulate_the_missing_replica(work):
+    """The 2-rank plan on 1 process (each step runs both replicas' micro-batches): from scratch it
+    trains like 2 ranks, and it resumes the 2-rank checkpoint; losses within 1e-5 relative."""
+    w, out = work
+    ref, r = _result(w, "dp2_plain"), _result(w, "dp1")
+    assert ref["steps"] == list(range(END))
+    _close(r["fresh"]["loss"], ref["loss"][:CUT])
+    _close(r["fresh"]["grad_norm"], ref["grad_norm"][:CUT])
+    assert r["resumed"]["steps"] == list(range(CUT, END))
+    _close(r["resumed"]["loss"], ref["loss"][CUT:])
+    _close(r["resumed"]["grad_norm"], ref["grad_norm"][CUT:])
+    assert r["resumed"]["lr"] == ref["lr"][CUT:]
+    assert (
+        "[hbp] plan for 2 data x context ranks on 1: each rank runs the micro-batches of 2 replicas"
+        in out["dp1"].stdout
+    )
+    # a plan with CP 2 steps cannot run on 1 rank: refused before training
+    assert (
+        "is for 2 data x context ranks but this launch has 1" in r["cp_plan"]
+        and "launch 2 processes" in r["cp_plan"]
+    )
 
 
 def test_bf16_on_cpu_resumes_bitwise(work):

@@ -262,17 +262,87 @@ def test_preemption_watcher_leaves_forked_children_their_default_action():
         w.close()
 
 
-def test_tp_change_is_refused_where_it_cannot_be_resharded_naming_what_works():
-    from megatron_hbp.mcore.checkpoint import _tp_change_blocker
+def test_layout_change_is_refused_where_it_cannot_be_done_naming_what_works():
+    from megatron_hbp.mcore.checkpoint import _layout_change_blocker
 
-    saved = {"tp": 2, "pp": 1, "world_size": 4, "distributed_optimizer": False}
-    assert _tp_change_blocker(saved, {"tp": 1, "pp": 1, "world_size": 2}, False) is None
-    assert _tp_change_blocker(saved, {"tp": 1, "pp": 1, "world_size": 4}, False) == (
-        "changing TP on resume keeps the data x context ranks (2 saved, 4 now): launch 2 processes for tp=1"
+    saved = {"tp": 2, "pp": 1, "world_size": 8, "distributed_optimizer": False}  # 4 data x context ranks
+    assert _layout_change_blocker(saved, {"tp": 1, "pp": 1, "world_size": 4}, False) is None  # TP 2 -> 1
+    assert _layout_change_blocker(saved, {"tp": 1, "pp": 1, "world_size": 2}, False) is None  # and DP 4 -> 2
+    assert _layout_change_blocker(saved, {"tp": 2, "pp": 1, "world_size": 2}, False) is None  # DP 4 -> 1
+    assert _layout_change_blocker(saved, {"tp": 1, "pp": 1, "world_size": 3}, False) == (
+        "the data x context ranks must be the saved 4 or a divisor of it (3 now): launch one of 4, 2, 1 "
+        "processes for tp=1"
     )
-    assert "use_distributed_optimizer: false" in _tp_change_blocker(
-        saved, {"tp": 1, "pp": 1, "world_size": 2}, True
+    assert "(8 now)" in _layout_change_blocker(saved, {"tp": 1, "pp": 1, "world_size": 8}, False)
+    assert "use_distributed_optimizer: false" in _layout_change_blocker(
+        saved, {"tp": 1, "pp": 1, "world_size": 4}, True
     )
-    assert "pipeline parallel size 1" in _tp_change_blocker(
-        dict(saved, pp=2), {"tp": 1, "pp": 2, "world_size": 2}, False
+    assert "pipeline parallel size 1" in _layout_change_blocker(
+        dict(saved, pp=2), {"tp": 1, "pp": 2, "world_size": 4}, False
     )
+
+
+def test_work_items_of_fewer_ranks_accumulate_the_missing_replicas():
+    """1 rank running a 2-rank plan gets, per step, replica 0's then replica 1's micro-batches;
+    2 ranks running a 4-rank plan with a CP-2 group: rank r runs replicas r // 2 of its CP slot."""
+    from megatron_hbp.mcore.data import rank_work_items
+    from megatron_hbp.planner import GroupConfig, PlanConfig, build_plan
+
+    lengths = np.array([10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 25, 35, 45, 55])
+    plan = build_plan(
+        lengths,
+        None,
+        PlanConfig(groups=[GroupConfig(pack_length=128)], world_size=2, micro_batches_per_step=2),
+    )
+    one = rank_work_items(plan, 0, dp_size=1)
+    want = []
+    for s in range(plan.num_steps):
+        st = plan.step(s)
+        for r in (0, 1):
+            for mb in st.replica(r).micro_batches:
+                want.append((s, tuple(int(i) for p in mb.packs for i in p.sample_indices)))
+    assert [(it.step, tuple(it.sample_indices.tolist())) for it in one] == want
+    assert sorted(i for _, idx in want for i in idx) == list(range(len(lengths)))  # every sample once
+    plan4 = build_plan(
+        lengths, None,
+        PlanConfig(groups=[GroupConfig(pack_length=64), GroupConfig(pack_length=128, cp=2)], world_size=4, tokens_per_step=256),
+    )  # fmt: skip
+    assert {int(plan4.step(s).cp) for s in range(plan4.num_steps)} == {1, 2}
+    got = [it for r in range(2) for it in rank_work_items(plan4, r, dp_size=2)]
+    for s in range(plan4.num_steps):
+        st = plan4.step(s)
+        c = int(st.cp)
+        want = sorted(
+            (tuple(int(i) for p in mb.packs for i in p.sample_indices), k)
+            for rep in range(4 // c)
+            for mb in st.replica(rep).micro_batches
+            for k in range(c)  # a CP-c replica's micro-batch runs on c ranks, one per CP rank
+        )
+        have = sorted((tuple(it.sample_indices.tolist()), it.cp_rank) for it in got if it.step == s)
+        assert have == want and all(it.cp == c for it in got if it.step == s), s
+        if c == 2:  # the two CP ranks of a pair run the same micro-batch at the same position
+            r0, r1 = (
+                [tuple(it.sample_indices.tolist()) for it in rank_work_items(plan4, r, s, s + 1, dp_size=2)]
+                for r in (0, 1)
+            )
+            assert r0 == r1
+
+
+def test_launch_hint_names_the_rank_counts_that_can_run_a_plan():
+    from megatron_hbp.mcore.train import _fewer_ranks_hint
+    from megatron_hbp.planner import GroupConfig, PlanConfig, build_plan
+
+    lengths = np.arange(10, 200, 7)
+    cp1 = build_plan(
+        lengths,
+        None,
+        PlanConfig(groups=[GroupConfig(pack_length=256)], world_size=4, micro_batches_per_step=1),
+    )
+    assert _fewer_ranks_hint(cp1, 1) == " (or 2, 1: fewer ranks accumulate the missing replicas)"
+    groups = [GroupConfig(pack_length=128), GroupConfig(pack_length=256, cp=2)]
+    cp2 = build_plan(lengths, None, PlanConfig(groups=groups, world_size=4, tokens_per_step=1024))
+    assert (
+        _fewer_ranks_hint(cp2, 2) == " (or 4: fewer ranks accumulate the missing replicas)"
+    )  # 2 ranks x tp 2
+    two = build_plan(lengths, None, PlanConfig(groups=groups, world_size=2, tokens_per_step=512))
+    assert _fewer_ranks_hint(two, 1) == ""  # CP 2 needs both ranks

@@ -319,17 +319,23 @@ def _agreed(fn):
     return result
 
 
-def _tp_change_blocker(saved: dict, current: dict, distributed_optimizer: bool) -> str | None:
-    """Why a checkpoint saved at another TP size cannot be re-split here (None: it can)."""
+def _layout_change_blocker(saved: dict, current: dict, distributed_optimizer: bool) -> str | None:
+    """Why a checkpoint saved at another layout cannot be loaded here (None: it can). Supported:
+    another TP size, and fewer data x context ranks (a divisor of the saved count: each rank then
+    accumulates the missing replicas), with PP 1 and the plain fp32 optimizer (its state is the
+    same on every data-parallel replica)."""
     if saved.get("pp") != 1 or current.get("pp") != 1:
-        return "changing TP on resume needs pipeline parallel size 1"
+        return "changing the layout on resume needs pipeline parallel size 1"
     if distributed_optimizer or saved.get("distributed_optimizer"):
-        return "changing TP on resume needs optimizer.use_distributed_optimizer: false (saved and now)"
-    ds, dc = saved["world_size"] // saved["tp"], current["world_size"] // current["tp"]
-    if ds != dc:
         return (
-            f"changing TP on resume keeps the data x context ranks ({ds} saved, {dc} now): launch "
-            f"{ds * current['tp']} processes for tp={current['tp']}"
+            "changing the layout on resume needs optimizer.use_distributed_optimizer: false (saved and now)"
+        )
+    ds, dc = saved["world_size"] // saved["tp"], current["world_size"] // current["tp"]
+    if dc > ds or ds % dc:
+        ok = ", ".join(str(d * current["tp"]) for d in range(ds, 0, -1) if ds % d == 0)
+        return (
+            f"the data x context ranks must be the saved {ds} or a divisor of it ({dc} now): launch one of "
+            f"{ok} processes for tp={current['tp']}"
         )
     return None
 
@@ -346,15 +352,18 @@ def load_checkpoint(
     path = resolve_checkpoint(path, rank=rank)
     saved_meta = json.loads((path / "meta.json").read_text())
     tp_saved, tp_now = saved_meta.get("tp"), current_meta.get("tp")
-    if tp_saved != tp_now:
-        why = _tp_change_blocker(saved_meta, current_meta, distributed_optimizer)
+    ws_saved, ws_now = saved_meta.get("world_size"), current_meta.get("world_size")
+    relayout = (tp_saved, ws_saved) != (tp_now, ws_now)
+    if relayout:
+        why = _layout_change_blocker(saved_meta, current_meta, distributed_optimizer)
         if why:
             raise CheckpointMismatchError(
-                f"checkpoint {path} was saved with tensor parallel size {tp_saved} (now {tp_now}): {why}"
+                f"checkpoint {path} was saved with tp={tp_saved} on {ws_saved} processes (now tp={tp_now} on "
+                f"{ws_now}): {why}"
             )
-    check_compatible(
-        saved_meta, current_meta, path, ignore=("tp", "world_size") if tp_saved != tp_now else ()
-    )
+    # Same TP, fewer data-parallel replicas: rank (dp d, tp t) is the same global rank d * tp + t in
+    # both layouts (pp 1) and every replica's state is the same, so each rank reads its own file.
+    check_compatible(saved_meta, current_meta, path, ignore=("tp", "world_size") if relayout else ())
 
     def read_resharded():
         from megatron.core import parallel_state

@@ -480,11 +480,11 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
     from megatron_hbp.planner import PlanMismatchError
 
     plan = load_plan(cfg.plan.path)
-    if plan.world_size != dp_size:
+    if plan.world_size != dp_size and not _accumulates_replicas(plan, dp_size, rank):
         raise TrainSetupError(
             f"plan {cfg.plan.path} is for {plan.world_size} data x context ranks but this launch has {dp_size} "
-            f"({world} processes / (tp={tp} * pp={pp})); launch {plan.world_size * tp * pp} processes or re-plan "
-            f"with world_size: {dp_size}"
+            f"({world} processes / (tp={tp} * pp={pp})); launch {plan.world_size * tp * pp} processes"
+            f"{_fewer_ranks_hint(plan, tp * pp)} or re-plan with world_size: {dp_size}"
         )
     if plan.fingerprint is not None and plan.fingerprint != info.fingerprint:
         raise TrainSetupError(
@@ -540,6 +540,36 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
     return Prepared(model_cfg, info, plan, dp_size)
 
 
+def _fewer_dp(plan) -> list[int]:
+    """Data x context rank counts below the plan's that can run it by accumulating replicas."""
+    degrees = {int(g.cp) for g in plan.groups}
+    w = plan.world_size
+    return [d for d in range(1, w) if w % d == 0 and all(d % c == 0 for c in degrees)]
+
+
+def _fewer_ranks_hint(plan, tp_pp: int) -> str:
+    ok = _fewer_dp(plan)[::-1]
+    return (
+        f" (or {', '.join(str(d * tp_pp) for d in ok)}: fewer ranks accumulate the missing replicas)"
+        if ok
+        else ""
+    )
+
+
+def _accumulates_replicas(plan, dp_size: int, rank: int) -> bool:
+    """Whether this launch runs the plan with fewer data x context ranks (each rank runs
+    ``plan.world_size / dp_size`` replicas per step; plan, loss normaliser and steps unchanged)."""
+    if dp_size not in _fewer_dp(plan):
+        return False
+    if rank == 0:
+        print(
+            f"[hbp] plan for {plan.world_size} data x context ranks on {dp_size}: each rank runs the micro-batches "
+            f"of {plan.world_size // dp_size} replicas per step (gradient accumulation)",
+            flush=True,
+        )
+    return True
+
+
 def _use_bf16(cfg: TrainConfig) -> bool:
     if cfg.dtype == "auto":
         return torch.cuda.is_available()
@@ -552,7 +582,7 @@ def _check_first_samples(prep: Prepared, dataset, dp_rank: int, start: int) -> N
 
     if start >= prep.plan.num_steps:
         return
-    for item in rank_work_items(prep.plan, dp_rank, start, start + 1):
+    for item in rank_work_items(prep.plan, dp_rank, start, start + 1, dp_size=prep.dp_size):
         for idx, n in zip(item.sample_indices.tolist(), item.lengths.tolist()):
             try:
                 got = len(dataset[idx].input_ids)
@@ -738,7 +768,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     # padding-only micro-batch has no loss tokens at all.
     pad_id = 0
     _check_first_samples(prep, dataset, dp_rank, start)
-    items = rank_work_items(plan, dp_rank, start, end)
+    items = rank_work_items(plan, dp_rank, start, end, dp_size=prep.dp_size)
     loader = make_loader(
         items,
         dataset,
@@ -772,7 +802,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         set_recompute(model, int(step.recompute_layers))
         cp = int(step.cp)
         cp_group = cp_groups.cp_group(cp) if cp > 1 else None
-        n_mb = int(step.micro_batches_per_replica)
+        n_mb = int(step.micro_batches_per_replica) * (plan.world_size // prep.dp_size)  # replicas per rank
         host_batches = [next(batches_it) for _ in range(n_mb)]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
