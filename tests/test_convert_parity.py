@@ -274,13 +274,24 @@ def _worker(root: str) -> None:
                         len(name) + (0 if "layernorm" in name else 1000 * (tp_rank + 1))
                     )
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "layernorm" in name else 0.0))
-            step = Path(root) / "trained" / "step_3"
-            step.mkdir(parents=True, exist_ok=True)
+            # the trainer's atomic layout (megatron_hbp.mcore.checkpoint): step_3.tmp, manifest, rename
+            from megatron_hbp.checkpoint_files import begin_step, commit_step, file_entry
+
+            if rank == 0:
+                begin_step(Path(root) / "trained", 3)
+            torch.distributed.barrier()
+            step = Path(root) / "trained" / "step_3.tmp"
             torch.save({"steps_done": 3, "model": model.state_dict()}, step / f"rank_{rank:05d}.pt")
+            entries = [None, None]
+            torch.distributed.all_gather_object(
+                entries, {f"rank_{rank:05d}.pt": file_entry(step / f"rank_{rank:05d}.pt")}
+            )
             if rank == 0:
                 meta = {"model": dataclasses.asdict(cfg), "tp": tp, "pp": 1, "world_size": 2}
                 (step / "meta.json").write_text(json.dumps(meta))
-                (step.parent / "latest").write_text("step_3")
+                files = {"meta.json": file_entry(step / "meta.json"), **entries[0], **entries[1]}
+                commit_step(Path(root) / "trained", 3, files, {})
+            torch.distributed.barrier()
             logits = _full_logits(model, inp["job"]["qwen2"]["docs"], inp["padded"], tp)
             if tp_rank == 0:
                 torch.save(logits[:, : cfg.vocab_size].clone(), Path(root) / "trained_logits.pt")

@@ -464,14 +464,16 @@ def test_peak_memory_stays_near_the_largest_tensor(tmp_path):
 
 
 def _training_checkpoint(
-    tmp_path: Path, src_cfg: dict, dtype: torch.dtype, tp: int
+    tmp_path: Path, src_cfg: dict, dtype: torch.dtype, tp: int, **meta_extra
 ) -> dict[str, torch.Tensor]:
-    """A checkpoint in the trainer's layout (megatron_hbp.mcore.checkpoint): step_<N>/rank_<R>.pt
-    with a 'model' state dict, meta.json with the model config, and 'latest'."""
+    """A checkpoint in the trainer's layout (megatron_hbp.mcore.checkpoint), written through the
+    same atomic path: step_<N>/rank_<R>.pt with a 'model' state dict, meta.json with the model
+    config, manifest.json with sizes and checksums, and 'latest'."""
+    from megatron_hbp.checkpoint_files import begin_step, commit_step, file_entry
+
     src = hf_tensors(src_cfg, dtype, seed=5)
     meta = hf_to_megatron(write_hf(tmp_path / "hf", src_cfg, src), tmp_path / "mg", tp=tp, progress=False)
-    step = tmp_path / "ckpt" / "step_6"
-    step.mkdir(parents=True)
+    step = begin_step(tmp_path / "ckpt", 6)
     for r in range(tp):
         model = load_file(tmp_path / "mg" / f"model_tp{r:02d}.safetensors")
         model["decoder.layers.0.self_attention.linear_proj._extra_state"] = None  # like Megatron's
@@ -482,9 +484,11 @@ def _training_checkpoint(
     for r in range(tp, 2 * tp):  # data-parallel replicas: not read
         (step / f"rank_{r:05d}.pt").write_bytes(b"not read")
     (step / "meta.json").write_text(
-        json.dumps({"model": meta["model_config"], "tp": tp, "pp": 1, "steps_done": 6})
+        json.dumps({"model": meta["model_config"], "tp": tp, "pp": 1, "steps_done": 6} | meta_extra)
     )
-    (tmp_path / "ckpt" / "latest").write_text("step_6\n")
+    files = {f.name: file_entry(f) for f in step.iterdir()}
+    commit_step(tmp_path / "ckpt", 6, files, {})
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_6\n"
     return src
 
 
@@ -514,12 +518,11 @@ def test_training_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"does not describe the checkpoint's model: .*tie_embeddings"):
         megatron_to_hf(step, tmp_path / "out", hf_config=tmp_path / "LLAMA", progress=False)
     (step / "rank_00001.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"missing rank_00001.pt \(tensor-parallel rank 1 of 2\)"):
+    with pytest.raises(ValueError, match=r"step_6/rank_00001.pt: missing \(listed in manifest.json\)"):
         megatron_to_hf(step, tmp_path / "out", progress=False)
-    meta = json.loads((step / "meta.json").read_text())
-    (step / "meta.json").write_text(json.dumps(meta | {"pp": 2}))
+    _training_checkpoint(tmp_path / "pp2", QWEN2, torch.float32, tp=2, pp=2)
     with pytest.raises(ValueError, match="pipeline parallel size 1 only"):
-        megatron_to_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
+        megatron_to_hf(tmp_path / "pp2" / "ckpt", tmp_path / "out", progress=False)
     with pytest.raises(FileNotFoundError, match="neither convert_meta.json"):
         megatron_to_hf(tmp_path, tmp_path / "out", progress=False)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_hbp.checkpoint_files import is_step_dir, safe_load, select_step, step_candidates, verify_step
 from megatron_hbp.configio import from_dict
 from megatron_hbp.convert.hf_config import (
     config_differences,
@@ -505,24 +507,37 @@ def export_hf(
 def training_checkpoint_sources(path: str | Path) -> tuple[list[TensorSource], ModelConfig, Path]:
     """TP rank sources of a checkpoint written by the trainer (``megatron_hbp.mcore.checkpoint``).
 
-    ``path`` is a ``step_<N>`` folder (``meta.json`` + ``rank_<RRRRR>.pt``) or the checkpoint
-    directory with a ``latest`` file. Global ranks 0..tp-1 are the TP ranks of data-parallel
-    rank 0 (Megatron's default rank order, tp fastest); their ``"model"`` state dicts are
-    memory-mapped, not loaded. Pipeline parallelism (pp > 1) is refused.
+    ``path`` is a ``step_<N>`` folder (``manifest.json`` + ``meta.json`` + ``rank_<RRRRR>.pt``) or
+    the checkpoint directory (its newest complete step folder; unfinished or corrupt ones are
+    skipped with a warning). Global ranks 0..tp-1 are the TP ranks of data-parallel rank 0
+    (Megatron's default rank order, tp fastest); their sizes and checksums are checked against
+    the manifest and their ``"model"`` state dicts memory-mapped, weights-only (a file holding any
+    other pickled object is refused, ``UnsafeCheckpointError``). Pipeline parallelism (pp > 1) is
+    refused.
     """
+
+    def read_meta_of(step: Path) -> dict:
+        meta_path = step / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        for key in ("model", "tp"):
+            if key not in meta:
+                raise ValueError(f"{meta_path}: no '{key}' entry; not a megatron-hbp training checkpoint")
+        return meta
+
+    def check(step: Path) -> None:  # the sizes of all files, the checksums of the files read here
+        verify_step(step, checksum=["meta.json"])
+        tp = int(read_meta_of(step)["tp"])
+        verify_step(step, checksum=[f"rank_{r:05d}.pt" for r in range(tp)])
+
     path = Path(path)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
+    if not path.is_dir() or not (is_step_dir(path) or step_candidates(path)):
         raise FileNotFoundError(
-            f"{path}: neither {META_NAME} (hf-to-megatron output) nor meta.json (a training checkpoint "
-            "step_<N> folder, or its parent with a 'latest' file)"
+            f"{path}: neither {META_NAME} (hf-to-megatron output) nor a training checkpoint (a step_<N> "
+            "folder, or the checkpoint dir holding them)"
         )
-    meta = json.loads(meta_path.read_text())
-    for key in ("model", "tp"):
-        if key not in meta:
-            raise ValueError(f"{meta_path}: no '{key}' entry; not a megatron-hbp training checkpoint")
+    path = select_step(path, check=check, warn=lambda m: print(m, file=sys.stderr, flush=True))
+    meta_path = path / "meta.json"
+    meta = read_meta_of(path)
     if int(meta.get("pp", 1)) != 1:
         raise ValueError(f"{meta_path}: pp={meta['pp']}; export supports pipeline parallel size 1 only")
     cfg = from_dict(ModelConfig, meta["model"], str(meta_path))
@@ -531,7 +546,7 @@ def training_checkpoint_sources(path: str | Path) -> tuple[list[TensorSource], M
         f = path / f"rank_{r:05d}.pt"
         if not f.is_file():
             raise FileNotFoundError(f"{path}: missing {f.name} (tensor-parallel rank {r} of {meta['tp']})")
-        state = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+        state = safe_load(f, mmap=True)
         model_state = state.get("model") if isinstance(state, dict) else None
         if not isinstance(model_state, dict):
             raise ValueError(f"{f}: no 'model' state dict")

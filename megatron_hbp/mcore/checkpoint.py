@@ -1,20 +1,36 @@
-"""Checkpoints: one ``torch.save`` file per rank plus a JSON manifest.
+"""Checkpoints: per-rank weights-only ``torch.save`` files in atomic step folders with a manifest.
 
-Layout: ``<dir>/step_<N>/rank_<RRRRR>.pt`` + ``<dir>/step_<N>/meta.json`` and
-``<dir>/latest`` (text: ``step_<N>``). ``N`` is the number of plan steps done, so a resume
-continues with plan step ``N``.
+Layout::
 
-Why not Megatron's distributed checkpointing: it needs ``sharded_state_dict`` support from
-every module in the local spec plus a storage backend; per-rank ``torch.save`` is exact,
-simple and enough for resuming with the same parallel layout (the layout is part of the
-manifest and checked). A rank file holds the model and optimizer state dicts, the LR
-scheduler, every RNG state (torch CPU/CUDA, Python, NumPy, Megatron's tracker) and the
-plan position. With Megatron's distributed optimizer the sharded Adam states are gathered
-to data-parallel rank 0 of each (TP, PP) slice with ``save_parameter_state`` into
-``dist_opt_tp<T>_pp<P>.pt`` and scattered back with ``load_parameter_state``.
+    <dir>/step_<N>/rank_<RRRRR>.pt        this rank's model, optimizer, scheduler and RNG states
+    <dir>/step_<N>/dist_opt_tp<T>_pp<P>.pt   sharded Adam states (distributed optimizer only)
+    <dir>/step_<N>/meta.json              plan hash, model config, layout, CP backend, steps done
+    <dir>/step_<N>/manifest.json          format, steps done, meta, each file's size and sha256
+    <dir>/latest                          ``step_<N>`` of the newest complete save
+
+``N`` is the number of plan steps done, so a resume continues with plan step ``N`` (the data
+position follows from it: every rank's micro-batches are a function of the plan and the step).
+
+A save writes ``step_<N>.tmp``, fsyncs every file, gathers the ranks' sizes and checksums into
+the manifest, renames the folder and then replaces ``latest`` (``megatron_hbp.checkpoint_files``),
+so a job killed during a save leaves only a ``.tmp`` folder that ``--load DIR`` skips with a
+warning. ``--load DIR`` takes the newest step folder whose files all match the manifest (the
+ranks share the checksum work); ``--load DIR/step_<N>`` uses that folder or names its bad file.
+
+Every file is read weights-only (``torch.load(weights_only=True)``): tensors, numbers, strings
+and plain containers. The RNG states are stored as tensors and tuples (no NumPy objects) for
+that reason; a file carrying any other pickled object is refused before anything in it runs.
+
+Megatron's distributed checkpointing (``torch_dist``) is not used yet: besides
+``sharded_state_dict`` support in every module, its reader unpickles the ``.metadata`` file of
+``torch.distributed.checkpoint`` with plain ``pickle.load``, which would break the rule above.
+With Megatron's distributed optimizer the sharded Adam states are gathered to data-parallel rank
+0 of each (TP, PP) slice (``get_parameter_state_dp_zero``) and scattered back
+(``load_parameter_state_from_dp_zero``).
 
 ``--load`` refuses a checkpoint made from a different plan (plan hash), model config, or
-parallel layout, with a message naming what differs.
+parallel layout, with a message naming what differs; a different TP size with the same data x
+context ranks, PP 1 and the plain optimizer is re-split on load (``ckpt_reshard``).
 """
 
 from __future__ import annotations
@@ -26,6 +42,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from megatron_hbp.checkpoint_files import (
+    CheckpointCorruptError,
+    UnsafeCheckpointError,
+    begin_step,
+    commit_step,
+    file_entry,
+    prune,
+    safe_load,
+    select_step,
+    tmp_step_dir,
+    verify_step,
+)
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointMismatchError",
+    "UnsafeCheckpointError",
+    "check_compatible",
+    "load_checkpoint",
+    "plan_hash",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -45,13 +85,21 @@ def plan_hash(plan) -> str:
 
 
 def _rng_states() -> dict:
+    """Every RNG state as tensors, numbers and tuples (loadable weights-only)."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+    name, key, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - the legacy global state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 - the legacy global state is what we restore
+        "python": random.getstate(),  # (version, tuple of ints, None or float)
+        "numpy": {
+            "name": str(name),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "tracker": get_cuda_rng_tracker().get_states(),
     }
 
@@ -63,16 +111,49 @@ def _set_rng_states(states: dict) -> None:
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])  # noqa: NPY002
-    get_cuda_rng_tracker().set_states(states["tracker"])
+    n = states["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    if "tracker" in states:  # absent after a TP change for a TP rank the checkpoint did not have
+        get_cuda_rng_tracker().set_states(states["tracker"])
 
 
-def _dist_opt_file(out: Path) -> Path:
+def _dist_opt_name() -> str:
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_rank()
-    return out / f"dist_opt_tp{tp}_pp{pp}.pt"
+    return f"dist_opt_tp{tp}_pp{pp}.pt"
+
+
+def _chained(optimizer) -> list:
+    return getattr(optimizer, "chained_optimizers", None) or [optimizer]
+
+
+def _dist_opt_writer(optimizer) -> bool:
+    """Whether this rank writes its slice's distributed-optimizer file (data-parallel rank 0)."""
+    return any(
+        getattr(o, "data_parallel_group", None) is not None and o.data_parallel_group.rank() == 0
+        for o in _chained(optimizer)
+    )
+
+
+def _rank_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _gather(obj) -> list:
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def save_checkpoint(
@@ -85,48 +166,76 @@ def save_checkpoint(
     scheduler,
     meta: dict,
     distributed_optimizer=False,
+    keep_last: int = 0,
 ) -> Path:
-    """Write this rank's file (every rank calls it); rank 0 writes the manifest and ``latest``."""
+    """Save one step atomically (a collective: every rank calls it). Returns ``step_<N>``.
+
+    Every rank writes and fsyncs its files in ``step_<N>.tmp`` and reports their sizes and
+    sha256; rank 0 writes ``meta.json`` and the manifest, renames the folder, replaces
+    ``latest`` and, with ``keep_last`` > 0, deletes older step folders beyond the newest K.
+    """
     directory = Path(directory)
-    out = directory / f"step_{steps_done}"
-    out.mkdir(parents=True, exist_ok=True)
-    if distributed_optimizer:  # collective over the data-parallel group
-        optimizer.save_parameter_state(str(_dist_opt_file(out)))
+    if rank == 0:
+        begin_step(directory, steps_done)
+    _barrier()
+    tmp = tmp_step_dir(directory, steps_done)
+    mine = {}
+    if distributed_optimizer:  # collective over the data-parallel group; DP rank 0 writes
+        name = _dist_opt_name()
+        optimizer.save_parameter_state(str(tmp / name))
+        if _dist_opt_writer(optimizer):
+            mine[name] = file_entry(tmp / name)
     state = {
         "steps_done": steps_done,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": _rng_states(),
-        "meta": meta,
     }
-    tmp = out / f"rank_{rank:05d}.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out / f"rank_{rank:05d}.pt")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    torch.save(state, tmp / _rank_name(rank))
+    mine[_rank_name(rank)] = file_entry(tmp / _rank_name(rank))
+    files = {}
+    for entries in _gather(mine):
+        files.update(entries)
+    out = directory / f"step_{steps_done}"
     if rank == 0:
-        (out / "meta.json").write_text(
-            json.dumps(dict(meta, steps_done=steps_done), indent=2, sort_keys=True)
-        )
-        (directory / "latest").write_text(f"step_{steps_done}\n")
+        info = dict(meta, steps_done=steps_done)
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        files["meta.json"] = file_entry(tmp / "meta.json")
+        out = commit_step(directory, steps_done, files, {"meta": info})
+        for p in prune(directory, keep_last):
+            print(f"[hbp] removed old checkpoint {p} (checkpoint.keep_last={keep_last})", flush=True)
+    _barrier()
     return out
 
 
-def resolve_checkpoint(path) -> Path:
-    """A ``step_<N>`` folder, or a checkpoint dir with a ``latest`` file -> the step folder."""
-    path = Path(path)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: expected a step_<N> folder with meta.json, or a checkpoint dir with 'latest'"
-        )
-    return path
+def _distributed_check(step_dir: Path) -> None:
+    """:func:`verify_step` shared by the ranks: each checks every size and the sha256 of every
+    world-th file; all ranks raise the first problem found by any."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    err = None
+    try:
+        from megatron_hbp.checkpoint_files import read_manifest
+
+        names = sorted(read_manifest(step_dir)["files"])
+        verify_step(step_dir, checksum=names[rank::world])
+    except CheckpointCorruptError as e:
+        err = str(e)
+    errors = [e for e in _gather(err) if e]
+    if errors:
+        raise CheckpointCorruptError(errors[0])
 
 
-def check_compatible(saved: dict, current: dict, path) -> None:
-    """Raise ``CheckpointMismatchError`` naming every key that differs."""
+def resolve_checkpoint(path, *, rank: int = 0) -> Path:
+    """The step folder to load: ``path`` itself if it is one (verified; a bad file is an error),
+    else the newest complete and intact ``step_<N>`` in the checkpoint dir ``path`` (unfinished
+    or corrupt ones skipped with a warning on rank 0). A collective when distributed."""
+    return select_step(path, check=_distributed_check, warn=lambda m: rank == 0 and print(m, flush=True))
+
+
+def check_compatible(saved: dict, current: dict, path, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ``CheckpointMismatchError`` naming every key that differs (except those in ``ignore``)."""
     diffs = []
     for key in (
         "plan_hash",
@@ -137,7 +246,7 @@ def check_compatible(saved: dict, current: dict, path) -> None:
         "loss_normalization",
         "distributed_optimizer",
     ):
-        if saved.get(key) != current.get(key):
+        if key not in ignore and saved.get(key) != current.get(key):
             what = {
                 "plan_hash": "plan",
                 "model": "model config",
@@ -166,15 +275,15 @@ def check_compatible(saved: dict, current: dict, path) -> None:
 
 
 def _inner_torch_optimizers(optimizer) -> list:
-    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [o.optimizer for o in chained if hasattr(o, "optimizer")]
+    return [o.optimizer for o in _chained(optimizer) if hasattr(o, "optimizer")]
 
 
-def _load_dist_opt_state(optimizer, f: Path) -> None:
-    """``load_parameter_state`` with two Megatron 0.19.2 quirks of the non-TE (torch Adam) path
-    worked around: it copies into every tensor of a param's state, including the ``step``
-    tensor the file does not hold (KeyError), and ``load_state_dict`` gave every param the
-    SAME ``step`` tensor (torch's Adam increments it in place once per param)."""
+def _load_dist_opt_state(optimizer, loaded) -> None:
+    """Megatron's ``load_parameter_state`` from the weights-only ``loaded`` file content (held by
+    data-parallel rank 0, None elsewhere; Megatron scatters it), with two Megatron 0.19.2 quirks of
+    the non-TE (torch Adam) path worked around: it copies into every tensor of a param's state,
+    including the ``step`` tensor the file does not hold (KeyError), and ``load_state_dict`` gave
+    every param the SAME ``step`` tensor (torch's Adam increments it in place once per param)."""
     inner = _inner_torch_optimizers(optimizer)
     steps = []
     for opt in inner:
@@ -182,30 +291,123 @@ def _load_dist_opt_state(optimizer, f: Path) -> None:
             if isinstance(st.get("step"), torch.Tensor):
                 steps.append((st, st["step"].detach().clone()))
                 st["step"] = float(st["step"])
+    chained = _chained(optimizer)
+    states = None if loaded is None else ([loaded] if len(chained) == 1 else loaded)
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
-        optimizer.load_parameter_state(str(f))
+        for idx, opt in enumerate(chained):
+            if hasattr(opt, "load_parameter_state_from_dp_zero"):
+                opt.load_parameter_state_from_dp_zero(states[idx] if states else None)
     for st, step in steps:
         st["step"] = step.clone()
+
+
+_LOAD_ERRORS = (CheckpointCorruptError, UnsafeCheckpointError, FileNotFoundError, CheckpointMismatchError)
+
+
+def _agreed(fn):
+    """``fn()`` on every rank; if it fails on any rank, every rank raises that error (so no rank
+    goes on into a collective the others never reach)."""
+    result, err = None, None
+    try:
+        result = fn()
+    except _LOAD_ERRORS as e:
+        err = (type(e).__name__, str(e))
+    errors = [e for e in _gather(err) if e]
+    if errors:
+        kind, msg = errors[0]
+        raise {c.__name__: c for c in _LOAD_ERRORS}.get(kind, CheckpointMismatchError)(msg)
+    return result
+
+
+def _layout_change_blocker(saved: dict, current: dict, distributed_optimizer: bool) -> str | None:
+    """Why a checkpoint saved at another layout cannot be loaded here (None: it can). Supported:
+    another TP size, and fewer data x context ranks (a divisor of the saved count: each rank then
+    accumulates the missing replicas), with PP 1 and the plain fp32 optimizer (its state is the
+    same on every data-parallel replica)."""
+    if saved.get("pp") != 1 or current.get("pp") != 1:
+        return "changing the layout on resume needs pipeline parallel size 1"
+    if distributed_optimizer or saved.get("distributed_optimizer"):
+        return (
+            "changing the layout on resume needs optimizer.use_distributed_optimizer: false (saved and now)"
+        )
+    ds, dc = saved["world_size"] // saved["tp"], current["world_size"] // current["tp"]
+    if dc > ds or ds % dc:
+        ok = ", ".join(str(d * current["tp"]) for d in range(ds, 0, -1) if ds % d == 0)
+        return (
+            f"the data x context ranks must be the saved {ds} or a divisor of it ({dc} now): launch one of "
+            f"{ok} processes for tp={current['tp']}"
+        )
+    return None
 
 
 def load_checkpoint(
     path, *, rank: int, model, optimizer, scheduler, current_meta: dict, distributed_optimizer=False
 ) -> int:
-    """Restore this rank's state; returns the number of plan steps already done."""
-    path = resolve_checkpoint(path)
+    """Restore this rank's state; returns the number of plan steps already done.
+
+    Raises ``CheckpointMismatchError`` (other plan / model / layout), ``CheckpointCorruptError``
+    (unfinished or damaged folder, naming the file), ``UnsafeCheckpointError`` (a file that is
+    not weights-only) or ``FileNotFoundError`` -- on every rank alike.
+    """
+    path = resolve_checkpoint(path, rank=rank)
     saved_meta = json.loads((path / "meta.json").read_text())
-    check_compatible(saved_meta, current_meta, path)
-    f = path / f"rank_{rank:05d}.pt"
-    if not f.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no file for rank {rank} ({f.name})")
-    state = torch.load(f, map_location="cpu", weights_only=False)
+    tp_saved, tp_now = saved_meta.get("tp"), current_meta.get("tp")
+    ws_saved, ws_now = saved_meta.get("world_size"), current_meta.get("world_size")
+    relayout = (tp_saved, ws_saved) != (tp_now, ws_now)
+    if relayout:
+        why = _layout_change_blocker(saved_meta, current_meta, distributed_optimizer)
+        if why:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was saved with tp={tp_saved} on {ws_saved} processes (now tp={tp_now} on "
+                f"{ws_now}): {why}"
+            )
+    # Same TP, fewer data-parallel replicas: rank (dp d, tp t) is the same global rank d * tp + t in
+    # both layouts (pp 1) and every replica's state is the same, so each rank reads its own file.
+    check_compatible(saved_meta, current_meta, path, ignore=("tp", "world_size") if relayout else ())
+
+    def read_resharded():
+        from megatron.core import parallel_state
+
+        from megatron_hbp.configio import from_dict
+        from megatron_hbp.mcore.ckpt_reshard import reshard_states, saved_ranks
+        from megatron_hbp.model_config import ModelConfig
+
+        files = [path / _rank_name(r) for r in saved_ranks(parallel_state.get_data_parallel_rank(), tp_saved)]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"checkpoint {path} has no {f.name}")
+        states = [safe_load(f) for f in files]
+        cfg = from_dict(ModelConfig, saved_meta["model"], str(path / "meta.json"))
+        return reshard_states(
+            states, cfg=cfg, tp=tp_now, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            model=model, optimizer=optimizer,
+        )  # fmt: skip
+
+    def read():
+        f = path / _rank_name(rank)
+        if tp_saved != tp_now:
+            state = read_resharded()
+        elif not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no file for rank {rank} ({f.name})")
+        else:
+            state = safe_load(f)
+        if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "steps_done"} <= set(
+            state
+        ):
+            raise CheckpointCorruptError(f"{f}: not a megatron-hbp rank checkpoint (keys missing)")
+        dopt = None
+        if distributed_optimizer and _dist_opt_writer(optimizer):
+            g = path / _dist_opt_name()
+            if not g.is_file():
+                raise FileNotFoundError(f"checkpoint {path} has no distributed-optimizer state {g.name}")
+            dopt = safe_load(g)
+        return state, dopt
+
+    state, dopt = _agreed(read)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if distributed_optimizer:
-        f = _dist_opt_file(path)
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no distributed-optimizer state {f.name}")
-        _load_dist_opt_state(optimizer, f)
+        _load_dist_opt_state(optimizer, dopt)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_states(state["rng"])
     return int(state["steps_done"])

@@ -100,7 +100,8 @@ class OptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """Checkpoint saving (per-rank ``torch.save`` files; see docs/training.md)."""
+    """Checkpoint saving (atomic step folders of weights-only per-rank files with a checksum
+    manifest; see docs/training.md)."""
 
     dir: str | None = None
     """Folder for checkpoints (``step_<N>/``); None: never save."""
@@ -109,7 +110,15 @@ class CheckpointConfig:
     save_at_end: bool = True
     """Save after the last step."""
     load: str | None = None
-    """Checkpoint folder (``.../step_<N>`` or a ``dir`` with a ``latest`` file) to resume from."""
+    """Checkpoint to resume from: a ``step_<N>`` folder (used as given), or a checkpoint ``dir``
+    (its newest complete and intact step folder; unfinished or corrupt ones are skipped with a
+    warning)."""
+    keep_last: int = 0
+    """Keep only the newest K step folders in ``dir`` (older ones deleted after each save); 0: keep all."""
+
+    def __post_init__(self):
+        if self.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,11 +128,16 @@ class ParallelConfig:
     tp: int = 1
     """Tensor parallel size."""
     pp: int = 1
-    """Pipeline parallel size."""
+    """Pipeline parallel size (only 1: PP is not supported with HBP plans yet)."""
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"parallel: tp and pp must be >= 1 (tp={self.tp}, pp={self.pp})")
+        if self.pp > 1:  # runs, but never checked against pp = 1; checkpoints and init_from refuse it
+            raise ConfigError(
+                f"parallel.pp={self.pp}: PP is not supported with HBP plans yet; use pp: 1 (scale with "
+                "tp and the plan's data x context ranks)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

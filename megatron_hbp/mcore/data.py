@@ -34,15 +34,31 @@ class WorkItem:
     cp_rank: int
 
 
-def rank_work_items(plan, dp_rank: int, start_step: int = 0, end_step: int | None = None) -> list[WorkItem]:
-    """Every micro-batch of ``dp_rank`` for plan steps ``[start_step, end_step)``, in order."""
+def replicas_per_rank(plan_world: int, dp_size: int) -> int:
+    """How many of the plan's replicas of a step each rank runs: 1, or ``k`` when the launch has
+    ``k`` times fewer data x context ranks than the plan (gradient accumulation of the missing
+    replicas inside the same step)."""
+    return plan_world // dp_size
+
+
+def rank_work_items(
+    plan, dp_rank: int, start_step: int = 0, end_step: int | None = None, dp_size: int | None = None
+) -> list[WorkItem]:
+    """Every micro-batch of ``dp_rank`` for plan steps ``[start_step, end_step)``, in order.
+
+    ``dp_size`` (default: the plan's world size) smaller than the plan's: the plan's replicas of a
+    CP-``c`` step are dealt round-robin over the ``dp_size / c`` replica slots of the launch, so a
+    rank runs the micro-batches of replicas ``dp_rank // c + j * dp_size / c`` one after another.
+    """
     end_step = plan.num_steps if end_step is None else min(end_step, plan.num_steps)
+    dp_size = plan.world_size if dp_size is None else dp_size
+    k = replicas_per_rank(plan.world_size, dp_size)
     items = []
     for s in range(start_step, end_step):
         step = plan.step(s)
         cp = int(step.cp)
-        replica = step.replica(dp_rank // cp)
-        for m, mb in enumerate(replica.micro_batches):
+        mbs = [mb for j in range(k) for mb in step.replica(dp_rank // cp + j * (dp_size // cp)).micro_batches]
+        for m, mb in enumerate(mbs):
             packs = list(mb.packs)
             if packs:
                 idx = np.concatenate([np.asarray(p.sample_indices, np.int64) for p in packs])
@@ -107,7 +123,13 @@ def make_loader(
     ds = MicroBatchDataset(items, samples, pad_id=pad_id, loss_normalization=loss_normalization)
     kwargs = {}
     if num_workers > 0:
-        kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False)
+        # Its own generator: starting the workers draws their base seed from it, not from the
+        # global torch RNG, whose state a checkpoint restores (resume stays bitwise exact).
+        kwargs = dict(
+            prefetch_factor=prefetch_factor,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(0),
+        )
     return torch.utils.data.DataLoader(
         ds,
         batch_size=None,

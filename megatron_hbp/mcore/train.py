@@ -23,6 +23,7 @@ import functools
 import gc
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -35,6 +36,7 @@ import torch
 from megatron_hbp.configio import ConfigError, to_dict
 from megatron_hbp.mcore import preflight_checks as checks
 from megatron_hbp.mcore.config import OptimizerConfig, TrainConfig, load_train_config
+from megatron_hbp.mcore.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatcher
 from megatron_hbp.model_config import ModelConfig, load_model_config
 
 
@@ -522,11 +524,11 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
     from megatron_hbp.planner import PlanMismatchError
 
     plan = load_plan(cfg.plan.path)
-    if plan.world_size != dp_size:
+    if plan.world_size != dp_size and not _accumulates_replicas(plan, dp_size, rank):
         raise TrainSetupError(
             f"plan {cfg.plan.path} is for {plan.world_size} data x context ranks but this launch has {dp_size} "
-            f"({world} processes / (tp={tp} * pp={pp})); launch {plan.world_size * tp * pp} processes or re-plan "
-            f"with world_size: {dp_size}"
+            f"({world} processes / (tp={tp} * pp={pp})); launch {plan.world_size * tp * pp} processes"
+            f"{_fewer_ranks_hint(plan, tp * pp)} or re-plan with world_size: {dp_size}"
         )
     if plan.fingerprint is not None and plan.fingerprint != info.fingerprint:
         raise TrainSetupError(
@@ -587,6 +589,36 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
     return Prepared(model_cfg, info, plan, dp_size, cp_impl, cp_why)
 
 
+def _fewer_dp(plan) -> list[int]:
+    """Data x context rank counts below the plan's that can run it by accumulating replicas."""
+    degrees = {int(g.cp) for g in plan.groups}
+    w = plan.world_size
+    return [d for d in range(1, w) if w % d == 0 and all(d % c == 0 for c in degrees)]
+
+
+def _fewer_ranks_hint(plan, tp_pp: int) -> str:
+    ok = _fewer_dp(plan)[::-1]
+    return (
+        f" (or {', '.join(str(d * tp_pp) for d in ok)}: fewer ranks accumulate the missing replicas)"
+        if ok
+        else ""
+    )
+
+
+def _accumulates_replicas(plan, dp_size: int, rank: int) -> bool:
+    """Whether this launch runs the plan with fewer data x context ranks (each rank runs
+    ``plan.world_size / dp_size`` replicas per step; plan, loss normaliser and steps unchanged)."""
+    if dp_size not in _fewer_dp(plan):
+        return False
+    if rank == 0:
+        print(
+            f"[hbp] plan for {plan.world_size} data x context ranks on {dp_size}: each rank runs the micro-batches "
+            f"of {plan.world_size // dp_size} replicas per step (gradient accumulation)",
+            flush=True,
+        )
+    return True
+
+
 def _use_bf16(cfg: TrainConfig) -> bool:
     if cfg.dtype == "auto":
         return torch.cuda.is_available()
@@ -599,7 +631,7 @@ def _check_first_samples(prep: Prepared, dataset, dp_rank: int, start: int) -> N
 
     if start >= prep.plan.num_steps:
         return
-    for item in rank_work_items(prep.plan, dp_rank, start, start + 1):
+    for item in rank_work_items(prep.plan, dp_rank, start, start + 1, dp_size=prep.dp_size):
         for idx, n in zip(item.sample_indices.tolist(), item.lengths.tolist()):
             try:
                 got = len(dataset[idx].input_ids)
@@ -698,6 +730,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     model_parallel_cuda_manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)  # noqa: NPY002 - seeds third-party code using the global RNG
+    random.seed(cfg.seed)  # so is Python's (every RNG a checkpoint restores starts from the seed)
     dp_rank = parallel_state.get_data_parallel_rank()
     degrees = sorted({int(g.cp) for g in plan.groups})
     cp_groups = None
@@ -764,7 +797,8 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         "loss_normalization": cfg.loss_normalization,
         "plan_path": str(cfg.plan.path),
         "distributed_optimizer": oc.use_distributed_optimizer,
-        "cp_backend": prep.cp_impl,
+        "cp_backend": cfg.cp_backend,  # as configured
+        "cp_impl": prep.cp_impl,  # what ran: ulysses / allgather
     }
     start = 0
     if cfg.checkpoint.load:
@@ -773,7 +807,8 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
                 cfg.checkpoint.load, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
                 current_meta=meta, distributed_optimizer=oc.use_distributed_optimizer,
             )  # fmt: skip
-        except (ckpt.CheckpointMismatchError, FileNotFoundError) as e:
+        except (ckpt.CheckpointMismatchError, ckpt.CheckpointCorruptError, ckpt.UnsafeCheckpointError,
+                FileNotFoundError) as e:  # fmt: skip
             raise TrainSetupError(str(e)) from None
         if rank == 0:
             print(f"[hbp] resumed from {cfg.checkpoint.load}: next plan step {start}", flush=True)
@@ -788,7 +823,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     # padding-only micro-batch has no loss tokens at all.
     pad_id = 0
     _check_first_samples(prep, dataset, dp_rank, start)
-    items = rank_work_items(plan, dp_rank, start, end)
+    items = rank_work_items(plan, dp_rank, start, end, dp_size=prep.dp_size)
     loader = make_loader(
         items,
         dataset,
@@ -822,12 +857,13 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
                 flush=True,
             )
     model.train()
+    preempt = PreemptionWatcher().install()  # SIGTERM / SIGUSR1: finish the step, save, stop
     for s in range(start, end):
         step = plan.step(s)
         set_recompute(model, int(step.recompute_layers))
         cp = int(step.cp)
         cp_group = cp_groups.cp_group(cp) if cp > 1 else None
-        n_mb = int(step.micro_batches_per_replica)
+        n_mb = int(step.micro_batches_per_replica) * (plan.world_size // prep.dp_size)  # replicas per rank
         host_batches = [next(batches_it) for _ in range(n_mb)]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -927,13 +963,20 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0)
             or (cfg.checkpoint.save_at_end and done == end)
         )
-        if save_now:
+        stop = preempt.requested(device)
+        path = None
+        if save_now or (stop and cfg.checkpoint.dir):
             path = ckpt.save_checkpoint(
                 cfg.checkpoint.dir, done, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
-                meta=meta, distributed_optimizer=oc.use_distributed_optimizer,
+                meta=meta, distributed_optimizer=oc.use_distributed_optimizer, keep_last=cfg.checkpoint.keep_last,
             )  # fmt: skip
             if rank == 0:
                 print(f"[hbp] saved checkpoint {path}", flush=True)
+        if stop:
+            preempt.close()
+            logger.close()
+            raise Preempted(done, path, preempt.signame)
+    preempt.close()
     logger.close()
     return records
 
@@ -1018,6 +1061,11 @@ def main(argv=None) -> int:
                     )
             return 0
         run(cfg)
+    except Preempted as e:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"[hbp] {e}; exit code {EXIT_PREEMPTED}", flush=True)
+        _shutdown()
+        return EXIT_PREEMPTED
     except (TrainSetupError, ConfigError) as e:
         if checks.report_error_here(e):  # a config error is the same on every rank: rank 0 says it
             print(f"error: {e}", file=sys.stderr, flush=True)
