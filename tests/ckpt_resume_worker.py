@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
-END = 8  # steps 0..7; the interruption is after step 3 (CP 1), step 4 is CP 2
-CUT = 4
+END = 8  # steps 0..7; the interruption is after step 2 (CP 1), step 3 is CP 2 (plan: 1 2 1 2 1 1 2 1)
+CUT = 3
 
 
 def _cfg(work: Path, ckdir: str | None = None, load: str | None = None, **kw):

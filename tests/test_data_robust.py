@@ -207,7 +207,10 @@ def _all_error_classes():
 
 
 # Constructor arguments for classes whose __init__ is not (message,).
-SPECIAL_ARGS = {"megatron_hbp.data.formats.DataError": ("f.jsonl", 7, "bad", False, " (hint)")}
+SPECIAL_ARGS = {
+    "megatron_hbp.data.formats.DataError": ("f.jsonl", 7, "bad", False, " (hint)"),
+    "megatron_hbp.mcore.preemption.Preempted": (4, "ck/step_4", "SIGTERM"),
+}
 
 
 def test_every_error_class_pickles():

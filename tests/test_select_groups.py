@@ -237,8 +237,7 @@ def test_tool_writes_the_fastest_evaluated_set_never_one_with_an_idle_group(tmp_
     """On the small mix with 512K-token steps and a 1,000-sample search, the search ranks 32K/CP8 +
     64K/CP8 first, but on all 3,120 samples 64K/CP8 alone scores better (0.618 vs 0.619 GPU-hours
     today): the tool writes what the full-data evaluation ranks first (the old tool wrote the
-    search's pick whatever the evaluation said). The paper's set leaves its 16K group without a
-    step and is flagged, never written; every group of the written config gets steps."""
+    search's pick whatever the evaluation said). Every group of the written config gets steps."""
     from megatron_hbp.planner import build_plan
 
     lengths_path = tmp_path / "small.npy"
@@ -257,7 +256,9 @@ def test_tool_writes_the_fastest_evaluated_set_never_one_with_an_idle_group(tmp_
         cells = [c.strip() for c in r.strip("|").split("|")]
         if "no step" not in cells[6]:
             scores[cells[1]] = float(cells[7])
-    assert rows[0].startswith("| paper (Alg. 1)") and "no step" in rows[0]
+    # the planner no longer leaves a group with samples without a step (no-drop last step), so on
+    # this mix every evaluated set trains every group, the paper's included
+    assert rows[0].startswith("| paper (Alg. 1)") and not any("no step" in r for r in rows)
     best = min(scores, key=scores.get)
     assert best != search_choice and search_choice in scores  # the search's pick loses on all samples
     assert f"chosen (simulated): {best}," in text
@@ -271,10 +272,19 @@ def test_tool_writes_the_fastest_evaluated_set_never_one_with_an_idle_group(tmp_
     assert extra["simulated_gpu_hours"] == pytest.approx(scores[best], abs=0.006)
 
 
-def test_tool_refuses_to_write_a_paper_set_with_an_idle_group(tmp_path, capsys):
+def test_tool_writes_a_paper_set_whose_groups_all_get_steps(tmp_path, capsys):
+    """--method paper on the small mix: before the planner's no-drop last step its 16K group got no
+    step and the tool refused (exit 2); now every group of the written config trains. (A set that
+    still leaves a group idle — no samples land in it — is flagged: test_search_scores_a_set_exactly_as_the_full_evaluation.)"""
+    from megatron_hbp.planner import build_plan
+
     lengths_path = tmp_path / "small.npy"
     np.save(lengths_path, small_mix())
     out = tmp_path / "plan.yaml"
     argv = ["--lengths", str(lengths_path), "--candidate-lengths", ",".join(map(str, SMALL_CANDIDATES))]
     rc, cap = _run_tool([*argv, "--method", "paper", "--output", str(out)], capsys)
-    assert rc == 2 and "without any step" in cap.err and not out.exists()
+    assert rc == 0, cap.err
+    cfg = load_plan_config(out)
+    plan = build_plan(small_mix(), None, cfg)
+    steps = np.bincount(plan.arrays["step_group"], minlength=len(cfg.groups))
+    assert len(cfg.groups) >= 2 and steps.min() >= 1, steps

@@ -28,6 +28,9 @@ class Preempted(Exception):  # noqa: N818 - a control-flow signal, not an error
         where = f"saved {checkpoint}" if checkpoint else "nothing saved (checkpoint.dir is not set)"
         super().__init__(f"pre-empted by {signame} after plan step {steps_done - 1}: {where}")
 
+    def __reduce__(self):  # picklable across process boundaries, like every error of the package
+        return (type(self), (self.steps_done, self.checkpoint, self.signame))
+
 
 class PreemptionWatcher:
     """Records SIGTERM / SIGUSR1 while installed (main thread only; elsewhere it never fires)."""
