@@ -43,7 +43,7 @@ except ImportError:  # a checkout without `pip install -e .` (e.g. a bare GPU ma
     megatron_hbp.__path__.append(str(_root))  # megatron_hbp.kernels -> <repo>/kernels
     from megatron_hbp.kernels import attention_cost, attention_cost_reference
 
-from megatron_hbp.kernels.attention_cost import _attention_cost_triton, _default_config  # noqa: E402
+from megatron_hbp.kernels.attention_cost.kernel import _attention_cost_triton, _default_config  # noqa: E402
 from megatron_hbp.kernels.utils import is_interpreting  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_hbp.kernels import attention_cost, attention_cost_reference, attention_pairs_to_flops
-from megatron_hbp.kernels.attention_cost import _attention_cost_triton
+from megatron_hbp.kernels.attention_cost.kernel import _attention_cost_triton
 
 CUDA = torch.cuda.is_available()
 # The Triton path: compiled on CUDA, interpreted on CPU (root conftest sets TRITON_INTERPRET).

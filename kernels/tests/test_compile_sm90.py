@@ -61,8 +61,8 @@ def _child() -> None:
     import torch
     import triton
 
-    ac = importlib.import_module("megatron_hbp.kernels.attention_cost")
-    ce = importlib.import_module("megatron_hbp.kernels.cross_entropy")
+    ac = importlib.import_module("megatron_hbp.kernels.attention_cost.kernel")
+    ce = importlib.import_module("megatron_hbp.kernels.cross_entropy.fused_linear")
     for cp in (1, 3, 8):
         consts = {"CP": cp, "CP_POW2": triton.next_power_of_2(cp), "BLOCK_P": 128}
         assert "cubin" in _compile(ac._attention_cost_kernel, "", consts, {}).asm

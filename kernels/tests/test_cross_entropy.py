@@ -19,7 +19,7 @@ from megatron_hbp.kernels import (
     token_balanced_cross_entropy_from_logits_reference,
     token_balanced_cross_entropy_reference,
 )
-from megatron_hbp.kernels import cross_entropy as ce_module
+from megatron_hbp.kernels.cross_entropy import fused_linear as ce_module
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

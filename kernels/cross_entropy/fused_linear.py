@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .utils import cdiv, is_interpreting, num_sms, resolve_backend
+from ..utils import cdiv, is_interpreting, num_sms, resolve_backend
 
 __all__ = [
     "count_loss_tokens",

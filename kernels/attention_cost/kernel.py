@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, resolve_backend
+from ..utils import cdiv, resolve_backend
 
 __all__ = ["attention_cost", "attention_cost_reference", "attention_pairs_to_flops"]
 
