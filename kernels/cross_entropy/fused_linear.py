@@ -1,4 +1,4 @@
-"""Token-balanced (fused linear) cross-entropy without ``[T, V]`` logits, vocab-parallel.
+"""Token-balanced fused linear + cross-entropy without ``[T, V]`` logits, vocab-parallel.
 
 Math
 ----
@@ -49,496 +49,34 @@ processor). Use ``grad_mode="recompute"`` to backpropagate through the loss more
 differentiable (``create_graph=True`` gives first-order gradients; differentiating them
 raises).
 
-Layout: Triton kernels (fused linear forward/backward tiles with ``tl.dot``; logits
-forward/backward tiles), the chunked PyTorch implementation (the CPU fallback), plain fp32
-references for tests, the ``torch.autograd.Function``s and the public functions.
+The Triton kernels and their launchers are in ``kernel.py``, the chunked PyTorch path (the
+CPU fallback) in ``chunked.py``; this module holds the two autograd functions and
+:func:`token_balanced_cross_entropy`.
 """
 
 from __future__ import annotations
 
-import numbers
-
 import torch
-import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ..utils import cdiv, is_interpreting, num_sms, resolve_backend
+from ..utils import resolve_backend
+from . import kernel as _kernel
+from .chunked import _dlogits_torch, _stats_torch
+from .common import (
+    _chunk_sizes,
+    _contiguous_rows,
+    _finish_loss,
+    _global_lse_and_target,
+    _grad_scale,
+    _mm_fp32,
+    _normalizer_for,
+    _tp_size,
+    _vocab_start,
+    count_loss_tokens,
+)
+from .validate import _check_chunks, _check_float, _check_labels, _check_normalizer
 
-__all__ = [
-    "count_loss_tokens",
-    "token_balanced_cross_entropy",
-    "token_balanced_cross_entropy_from_logits",
-    "token_balanced_cross_entropy_reference",
-    "token_balanced_cross_entropy_from_logits_reference",
-]
-
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-# Tests set this to True: every buffer a kernel must fully write starts as NaN.
-_POISON_OUTPUTS = False
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-# ----------------------------------------------------------------------------- Triton
-
-
-@triton.jit
-def _online_update(m, s, tgt, logits, offs_v, mask_v, local_label):
-    """Merge one [BLOCK_T, BLOCK_V] fp32 tile into the running (max, sum-exp, target)."""
-    z = tl.where(mask_v[None, :], logits, float("-inf"))
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    # A row whose logits so far are all -inf keeps m = -inf; shift by 0 to avoid inf - inf.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
-    hit = (offs_v[None, :] == local_label[:, None]) & mask_v[None, :]
-    tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)
-    return m_new, s, tgt
-
-
-@triton.jit
-def _logits_tile(
-    h_ptr,
-    w_ptr,
-    offs_t,
-    mask_t,
-    offs_v,
-    mask_v,
-    H,
-    stride_h,
-    stride_w,
-    BLOCK_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """fp32 [BLOCK_T, BLOCK_V] tile of hidden[offs_t] · weight[offs_v]ᵀ (zeros where masked)."""
-    acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        offs_h = k0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        a = tl.load(
-            h_ptr + offs_t[:, None] * stride_h + offs_h[None, :],
-            mask=mask_t[:, None] & mask_h[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + offs_v[None, :] * stride_w + offs_h[:, None],
-            mask=mask_h[:, None] & mask_v[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            # bf16 tl.dot is wrong in the interpreter (ENVIRONMENT.md); products are exact in fp32.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _flce_fwd_kernel(
-    h_ptr,
-    w_ptr,
-    labels_ptr,
-    m_ptr,
-    s_ptr,
-    tgt_ptr,
-    T,
-    V,
-    H,
-    stride_h,
-    stride_w,
-    vocab_start,
-    cols_per_split,
-    BLOCK_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    mask_t = offs_t < T
-    labels = tl.load(labels_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
-    local_label = labels - vocab_start
-    m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_T], dtype=tl.float32)
-    tgt = tl.zeros([BLOCK_T], dtype=tl.float32)
-    v_lo = pid_s.to(tl.int64) * cols_per_split
-    v_hi = tl.minimum(v_lo + cols_per_split, V)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        mask_v = offs_v < v_hi
-        z = _logits_tile(
-            h_ptr,
-            w_ptr,
-            offs_t,
-            mask_t,
-            offs_v,
-            mask_v,
-            H,
-            stride_h,
-            stride_w,
-            BLOCK_T,
-            BLOCK_V,
-            BLOCK_H,
-            UPCAST,
-            IEEE,
-        )
-        m, s, tgt = _online_update(m, s, tgt, z, offs_v, mask_v, local_label)
-    out = pid_s.to(tl.int64) * T + offs_t
-    tl.store(m_ptr + out, m, mask=mask_t)
-    tl.store(s_ptr + out, s, mask=mask_t)
-    tl.store(tgt_ptr + out, tgt, mask=mask_t)
-
-
-@triton.jit
-def _dlogits(z, offs_v, local_label, lse, is_loss_token, g):
-    """(softmax − onehot) · g on loss-token rows, exactly 0 elsewhere (no NaN from lse)."""
-    p = tl.exp(z - lse[:, None])
-    d = tl.where(offs_v[None, :] == local_label[:, None], p - 1.0, p) * g
-    return tl.where(is_loss_token[:, None], d, 0.0)
-
-
-@triton.jit
-def _flce_bwd_kernel(
-    h_ptr,
-    w_ptr,
-    labels_ptr,
-    lse_ptr,
-    g_ptr,
-    dz_ptr,
-    T,
-    V,
-    H,
-    stride_h,
-    stride_w,
-    stride_dz,
-    label_shift,
-    ignore_index,
-    BLOCK_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """dz[T, V] for one (token chunk, vocab chunk); pointers are already at the chunk start."""
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    offs_v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    mask_t = offs_t < T
-    mask_v = offs_v < V
-    labels = tl.load(labels_ptr + offs_t, mask=mask_t, other=ignore_index).to(tl.int64)
-    lse = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
-    g = tl.load(g_ptr)
-    z = _logits_tile(
-        h_ptr,
-        w_ptr,
-        offs_t,
-        mask_t,
-        offs_v,
-        mask_v,
-        H,
-        stride_h,
-        stride_w,
-        BLOCK_T,
-        BLOCK_V,
-        BLOCK_H,
-        UPCAST,
-        IEEE,
-    )
-    d = _dlogits(z, offs_v, labels - label_shift, lse, labels != ignore_index, g)
-    tl.store(
-        dz_ptr + offs_t[:, None] * stride_dz + offs_v[None, :],
-        d.to(dz_ptr.dtype.element_ty),
-        mask=mask_t[:, None] & mask_v[None, :],
-    )
-
-
-@triton.jit
-def _ce_logits_fwd_kernel(
-    x_ptr,
-    labels_ptr,
-    m_ptr,
-    s_ptr,
-    tgt_ptr,
-    T,
-    V,
-    stride_x,
-    vocab_start,
-    cols_per_split,
-    BLOCK_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    mask_t = offs_t < T
-    local_label = tl.load(labels_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64) - vocab_start
-    m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_T], dtype=tl.float32)
-    tgt = tl.zeros([BLOCK_T], dtype=tl.float32)
-    v_lo = pid_s.to(tl.int64) * cols_per_split
-    v_hi = tl.minimum(v_lo + cols_per_split, V)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        mask_v = offs_v < v_hi
-        z = tl.load(
-            x_ptr + offs_t[:, None] * stride_x + offs_v[None, :],
-            mask=mask_t[:, None] & mask_v[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        m, s, tgt = _online_update(m, s, tgt, z, offs_v, mask_v, local_label)
-    out = pid_s.to(tl.int64) * T + offs_t
-    tl.store(m_ptr + out, m, mask=mask_t)
-    tl.store(s_ptr + out, s, mask=mask_t)
-    tl.store(tgt_ptr + out, tgt, mask=mask_t)
-
-
-@triton.jit
-def _ce_logits_bwd_kernel(
-    x_ptr,
-    labels_ptr,
-    lse_ptr,
-    g_ptr,
-    dx_ptr,
-    T,
-    V,
-    stride_x,
-    stride_dx,
-    vocab_start,
-    ignore_index,
-    BLOCK_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    offs_v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    mask_t = offs_t < T
-    mask = mask_t[:, None] & (offs_v < V)[None, :]
-    labels = tl.load(labels_ptr + offs_t, mask=mask_t, other=ignore_index).to(tl.int64)
-    lse = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
-    g = tl.load(g_ptr)
-    z = tl.load(x_ptr + offs_t[:, None] * stride_x + offs_v[None, :], mask=mask, other=0.0).to(tl.float32)
-    d = _dlogits(z, offs_v, labels - vocab_start, lse, labels != ignore_index, g)
-    tl.store(dx_ptr + offs_t[:, None] * stride_dx + offs_v[None, :], d.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------- launch config
-
-
-def _linear_blocks(dtype: torch.dtype) -> dict:
-    if is_interpreting():
-        return dict(BLOCK_T=32, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_T=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
-
-
-def _logits_blocks() -> dict:
-    if is_interpreting():
-        return dict(BLOCK_T=16, BLOCK_V=128, num_warps=4)
-    return dict(BLOCK_T=8, BLOCK_V=512, num_warps=8)
-
-
-def _cols_per_split(V: int, T: int, block_t: int, block_v: int, device, chunk_vocab: int | None) -> int:
-    """Vocabulary columns per forward split: enough programs to fill the GPU."""
-    if chunk_vocab is not None:
-        cols = chunk_vocab
-    else:
-        t_blocks = cdiv(T, block_t)
-        splits = max(1, min(cdiv(4 * num_sms(device), t_blocks), cdiv(V, block_v)))
-        cols = cdiv(V, splits)
-    return cdiv(cols, block_v) * block_v
-
-
-def _chunk_sizes(
-    T: int, V: int, device, chunk_tokens: int | None, chunk_vocab: int | None
-) -> tuple[int, int]:
-    """(Tc, Vc) of the backward (and the PyTorch path): Tc·Vc ≤ a fixed element budget."""
-    # 2^25 logits = 64 MB of bf16 dz on CUDA: large enough for efficient GEMMs, small
-    # against the 1 GB of the weight gradient itself at V = 128K, H = 4K.
-    budget = (1 << 25) if device.type == "cuda" else (1 << 22)
-    if chunk_vocab is None:
-        chunk_vocab = V if budget >= T * V else max(512, (budget // max(T, 1)) // 128 * 128)
-    if chunk_tokens is None:
-        chunk_tokens = max(1, budget // chunk_vocab)
-    return max(1, min(chunk_tokens, T)), max(1, min(chunk_vocab, V))
-
-
-_MM_OUT_DTYPE_OK: bool | None = None
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation and an fp32 result, without fp32 copies of bf16 inputs on CUDA."""
-    global _MM_OUT_DTYPE_OK
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype == b.dtype:
-        if _MM_OUT_DTYPE_OK is not False:
-            try:
-                out = torch.mm(a, b, out_dtype=torch.float32)
-                _MM_OUT_DTYPE_OK = True
-                return out
-            except (RuntimeError, TypeError, NotImplementedError):
-                _MM_OUT_DTYPE_OK = False
-        # Older torch: cuBLAS still accumulates in fp32, only the chunk result is rounded.
-        return (a @ b).float()
-    return a.float() @ b.float()
-
-
-# ----------------------------------------------------------------------------- stats (forward)
-
-
-def _merge_splits(m: torch.Tensor, s: torch.Tensor, tgt: torch.Tensor):
-    """[S, T] partial states -> [T] (max, sum-exp relative to it, target)."""
-    m_all = m.amax(dim=0)
-    shift = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
-    return m_all, (s * torch.exp(m - shift)).sum(dim=0), tgt.sum(dim=0)
-
-
-def _torch_online_update(state, z: torch.Tensor, local_label: torch.Tensor, v0: int):
-    """PyTorch twin of ``_online_update`` for an fp32 [Tc, Vc] chunk starting at column v0."""
-    m, s, tgt = state
-    m_new = torch.maximum(m, z.amax(dim=1))
-    shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-    s = s * torch.exp(m - shift) + torch.exp(z - shift[:, None]).sum(dim=1)
-    col = local_label - v0
-    hit = (col >= 0) & (col < z.shape[1])
-    tgt = tgt + torch.where(
-        hit, z.gather(1, col.clamp(0, z.shape[1] - 1)[:, None])[:, 0], torch.zeros_like(tgt)
-    )
-    return m_new, s, tgt
-
-
-def _stats_torch(source, labels: torch.Tensor, vocab_start: int, Tc: int, Vc: int, linear: bool):
-    """Local (m, s, tgt) [T] fp32 from chunks of logits (``source`` = logits or (hidden, weight))."""
-    if linear:
-        hidden, weight = source
-        T, V = hidden.shape[0], weight.shape[0]
-    else:
-        T, V = source.shape
-    device = labels.device
-    m = torch.full((T,), float("-inf"), dtype=torch.float32, device=device)
-    s = torch.zeros(T, dtype=torch.float32, device=device)
-    tgt = torch.zeros(T, dtype=torch.float32, device=device)
-    local_label = labels.to(torch.int64) - vocab_start
-    for t0 in range(0, T, Tc):
-        t1 = min(t0 + Tc, T)
-        state = (m[t0:t1], s[t0:t1], tgt[t0:t1])
-        for v0 in range(0, V, Vc):
-            v1 = min(v0 + Vc, V)
-            if linear:
-                z = hidden[t0:t1].float() @ weight[v0:v1].float().T
-            else:
-                z = source[t0:t1, v0:v1].float()
-            state = _torch_online_update(state, z, local_label[t0:t1], v0)
-        m[t0:t1], s[t0:t1], tgt[t0:t1] = state
-    return m, s, tgt
-
-
-def _stats_triton_linear(hidden, weight, labels, vocab_start: int, chunk_vocab: int | None):
-    T, H = hidden.shape
-    V = weight.shape[0]
-    cfg = _linear_blocks(hidden.dtype)
-    cols = _cols_per_split(V, T, cfg["BLOCK_T"], cfg["BLOCK_V"], hidden.device, chunk_vocab)
-    splits = cdiv(V, cols)
-    m, s, tgt = (_alloc((splits, T), torch.float32, hidden.device) for _ in range(3))
-    _flce_fwd_kernel[(cdiv(T, cfg["BLOCK_T"]), splits)](
-        hidden,
-        weight,
-        labels,
-        m,
-        s,
-        tgt,
-        T,
-        V,
-        H,
-        hidden.stride(0),
-        weight.stride(0),
-        vocab_start,
-        cols,
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_H=cfg["BLOCK_H"],
-        UPCAST=is_interpreting() and hidden.dtype != torch.float32,
-        IEEE=hidden.dtype == torch.float32,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    return _merge_splits(m, s, tgt)
-
-
-def _stats_triton_logits(logits, labels, vocab_start: int, chunk_vocab: int | None):
-    T, V = logits.shape
-    cfg = _logits_blocks()
-    cols = _cols_per_split(V, T, cfg["BLOCK_T"], cfg["BLOCK_V"], logits.device, chunk_vocab)
-    splits = cdiv(V, cols)
-    m, s, tgt = (_alloc((splits, T), torch.float32, logits.device) for _ in range(3))
-    _ce_logits_fwd_kernel[(cdiv(T, cfg["BLOCK_T"]), splits)](
-        logits,
-        labels,
-        m,
-        s,
-        tgt,
-        T,
-        V,
-        logits.stride(0),
-        vocab_start,
-        cols,
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_V=cfg["BLOCK_V"],
-        num_warps=cfg["num_warps"],
-    )
-    return _merge_splits(m, s, tgt)
-
-
-def _global_lse_and_target(m, s, tgt, group):
-    """Reduce the per-rank states over the tensor-parallel group -> (lse [T], target [T])."""
-    if group is not None and torch.distributed.get_world_size(group) > 1:
-        dist = torch.distributed
-        m_all = m.clone()
-        dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
-        shift = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
-        s = s * torch.exp(m - shift)
-        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
-        tgt = tgt.clone()
-        dist.all_reduce(tgt, op=dist.ReduceOp.SUM, group=group)
-        m = m_all
-    return m + torch.log(s), tgt
-
-
-def _finish_loss(lse, tgt, labels, ignore_index, normalizer):
-    is_loss_token = labels != ignore_index
-    loss = torch.where(is_loss_token, lse - tgt, torch.zeros_like(lse)).sum()
-    if normalizer is not None:
-        loss = loss / normalizer
-    return loss
-
-
-def _grad_scale(grad_out: torch.Tensor, normalizer) -> torch.Tensor:
-    """0-dim fp32 g/N on the device (no host sync)."""
-    g = grad_out.detach().to(torch.float32).reshape(())
-    if normalizer is not None:
-        g = g / normalizer
-    return g.contiguous()
-
-
-def _normalizer_for(normalizer, device):
-    if normalizer is None or not isinstance(normalizer, torch.Tensor):
-        return None if normalizer is None else float(normalizer)
-    return normalizer.detach().to(device=device, dtype=torch.float32).reshape(())
-
-
-# ----------------------------------------------------------------------------- autograd
+__all__ = ["token_balanced_cross_entropy"]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -548,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab_start = _vocab_start(group, V)
         Tc, Vc = _chunk_sizes(T, V, hidden.device, *chunks)
         if backend == "triton":
-            m, s, tgt = _stats_triton_linear(hidden, weight, labels, vocab_start, chunks[1])
+            m, s, tgt = _kernel._stats_triton_linear(hidden, weight, labels, vocab_start, chunks[1])
         else:
             m, s, tgt = _stats_torch((hidden, weight), labels, vocab_start, Tc, Vc, linear=True)
         lse, tgt = _global_lse_and_target(m, s, tgt, group)
@@ -582,7 +120,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for t0 in range(0, T, Tc):
                 t1 = min(t0 + Tc, T)
                 if ctx.backend == "triton":
-                    dz = _dlogits_triton_linear(hidden[t0:t1], w_chunk, labels[t0:t1], lse[t0:t1], g, ctx, v0)
+                    dz = _kernel._dlogits_triton_linear(
+                        hidden[t0:t1],
+                        w_chunk,
+                        labels[t0:t1],
+                        lse[t0:t1],
+                        g,
+                        ctx.vocab_start + v0,
+                        ctx.ignore_index,
+                    )
                 else:
                     z = hidden[t0:t1].float() @ w_chunk.float().T
                     dz = _dlogits_torch(
@@ -613,74 +159,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None, None
 
 
-def _dlogits_torch(z, labels, is_loss_token, lse, g, label_shift):
-    """fp32 (softmax − onehot)·g for one chunk, zero rows for ignored tokens."""
-    dz = torch.exp(z - lse[:, None])
-    col = labels.to(torch.int64) - label_shift
-    hit = is_loss_token & (col >= 0) & (col < z.shape[1])
-    # scatter_add instead of boolean indexing: no data-dependent shapes, no host sync.
-    dz.scatter_add_(1, col.clamp(0, z.shape[1] - 1)[:, None], -hit.to(dz.dtype)[:, None])
-    dz = dz * g
-    return torch.where(is_loss_token[:, None], dz, torch.zeros_like(dz))
-
-
-def _dlogits_triton_linear(hidden, w_chunk, labels, lse, g, ctx, v0):
-    T, H = hidden.shape
-    V = w_chunk.shape[0]
-    cfg = _linear_blocks(hidden.dtype)
-    dz = _alloc((T, V), hidden.dtype, hidden.device)
-    _flce_bwd_kernel[(cdiv(T, cfg["BLOCK_T"]), cdiv(V, cfg["BLOCK_V"]))](
-        hidden,
-        w_chunk,
-        labels,
-        lse,
-        g,
-        dz,
-        T,
-        V,
-        H,
-        hidden.stride(0),
-        w_chunk.stride(0),
-        dz.stride(0),
-        ctx.vocab_start + v0,
-        ctx.ignore_index,
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_H=cfg["BLOCK_H"],
-        UPCAST=is_interpreting() and hidden.dtype != torch.float32,
-        IEEE=hidden.dtype == torch.float32,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    return dz
-
-
-def _logits_to_dlogits_triton(z, labels, lse, g, vocab_start: int, ignore_index: int) -> torch.Tensor:
-    """Overwrite a [Tc, V] logits buffer of ours with dz (each element is read, then written,
-    by the same program, so in place is safe)."""
-    T, V = z.shape
-    cfg = _logits_blocks()
-    _ce_logits_bwd_kernel[(cdiv(T, cfg["BLOCK_T"]), cdiv(V, cfg["BLOCK_V"]))](
-        z,
-        labels,
-        lse,
-        g,
-        z,
-        T,
-        V,
-        z.stride(0),
-        z.stride(0),
-        vocab_start,
-        ignore_index,
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_V=cfg["BLOCK_V"],
-        num_warps=cfg["num_warps"],
-    )
-    return z
-
-
-# grad_mode="in_forward" on CUDA: token rows per full-vocabulary logits chunk, and a cap on
-# the chunk's elements for very large vocabulary shards.
 _IN_FORWARD_CUDA_TOKENS = 512
 _IN_FORWARD_CUDA_MAX_ELEMENTS = 1 << 27
 _IN_FORWARD_CPU_ELEMENTS = 1 << 22
@@ -756,14 +234,18 @@ class _LinearCrossEntropyInForward(torch.autograd.Function):
         g = _grad_scale(torch.ones((), dtype=torch.float32, device=device), normalizer)
         is_loss_token = labels != ignore_index
         acc_dtype = weight.dtype if triton_path else torch.float32
-        dh = _alloc((T, H), hidden.dtype if triton_path else torch.float32, device) if need_dh else None
+        dh = (
+            _kernel._alloc((T, H), hidden.dtype if triton_path else torch.float32, device)
+            if need_dh
+            else None
+        )
         dw = torch.zeros((V, H), dtype=acc_dtype, device=device) if need_dw else None
         for t0 in range(0, T, Tc):
             t1 = min(t0 + Tc, T)
             h_c, y_c = hidden[t0:t1], labels[t0:t1]
             if triton_path:
                 z = h_c @ weight.T
-                m_c, s_c, tgt_c = _stats_triton_logits(z, y_c, vocab_start, None)
+                m_c, s_c, tgt_c = _kernel._stats_triton_logits(z, y_c, vocab_start, None)
             else:
                 z = h_c.float() @ weight.float().T
                 m_c, s_c, tgt_c = _stats_torch(z, y_c, vocab_start, t1 - t0, V, linear=False)
@@ -772,7 +254,7 @@ class _LinearCrossEntropyInForward(torch.autograd.Function):
             if not (need_dh or need_dw):
                 continue
             if triton_path:
-                dz = _logits_to_dlogits_triton(z, y_c, lse_c, g, vocab_start, ignore_index)
+                dz = _kernel._logits_to_dlogits_triton(z, y_c, lse_c, g, vocab_start, ignore_index)
                 if need_dh:
                     torch.mm(dz, weight, out=dh[t0:t1])
                 if need_dw:
@@ -818,144 +300,6 @@ class _LinearCrossEntropyInForward(torch.autograd.Function):
                 block.copy_(block.float() * scale)
             outs.append(grad.to(ctx.dtype))
         return outs[0], outs[1], None, None, None, None, None, None, None, None
-
-
-class _LogitsCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, normalizer, ignore_index, group, backend, chunks):
-        T, V = logits.shape
-        vocab_start = _vocab_start(group, V)
-        Tc, Vc = _chunk_sizes(T, V, logits.device, *chunks)
-        if backend == "triton":
-            m, s, tgt = _stats_triton_logits(logits, labels, vocab_start, chunks[1])
-        else:
-            m, s, tgt = _stats_torch(logits, labels, vocab_start, Tc, Vc, linear=False)
-        lse, tgt = _global_lse_and_target(m, s, tgt, group)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.normalizer, ctx.ignore_index, ctx.backend = normalizer, ignore_index, backend
-        ctx.chunks, ctx.vocab_start = (Tc, Vc), vocab_start
-        return _finish_loss(lse, tgt, labels, ignore_index, normalizer)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        logits, labels, lse = ctx.saved_tensors
-        g = _grad_scale(grad_out, ctx.normalizer)
-        T, V = logits.shape
-        dx = _alloc((T, V), logits.dtype, logits.device)
-        if ctx.backend == "triton":
-            cfg = _logits_blocks()
-            _ce_logits_bwd_kernel[(cdiv(T, cfg["BLOCK_T"]), cdiv(V, cfg["BLOCK_V"]))](
-                logits,
-                labels,
-                lse,
-                g,
-                dx,
-                T,
-                V,
-                logits.stride(0),
-                dx.stride(0),
-                ctx.vocab_start,
-                ctx.ignore_index,
-                BLOCK_T=cfg["BLOCK_T"],
-                BLOCK_V=cfg["BLOCK_V"],
-                num_warps=cfg["num_warps"],
-            )
-        else:
-            Tc, Vc = ctx.chunks
-            is_loss_token = labels != ctx.ignore_index
-            for t0 in range(0, T, Tc):
-                t1 = min(t0 + Tc, T)
-                for v0 in range(0, V, Vc):
-                    v1 = min(v0 + Vc, V)
-                    z = logits[t0:t1, v0:v1].float()
-                    dz = _dlogits_torch(
-                        z, labels[t0:t1], is_loss_token[t0:t1], lse[t0:t1], g, ctx.vocab_start + v0
-                    )
-                    dx[t0:t1, v0:v1] = dz
-        return dx, None, None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _vocab_start(group, v_local: int) -> int:
-    if group is None:
-        return 0
-    return torch.distributed.get_rank(group) * v_local
-
-
-def _tp_size(group) -> int:
-    return 1 if group is None else torch.distributed.get_world_size(group)
-
-
-def _check_normalizer(normalizer, where: str, device) -> None:
-    if normalizer is None:
-        return
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(
-                f"{where}: normalizer tensor must have one element, got shape {tuple(normalizer.shape)}"
-            )
-        if normalizer.device != device:
-            raise ValueError(f"{where}: normalizer is on {normalizer.device}, inputs on {device}; move it")
-        return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real) or not normalizer > 0:
-        raise ValueError(
-            f"{where}: normalizer must be a positive number, a one-element tensor or None, got {normalizer!r}"
-        )
-
-
-def _check_labels(
-    labels, T: int, where: str, device, v_global: int, ignore_index: int, check_values: bool
-) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{where}: labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{where}: labels must be int64 (or int32), got {labels.dtype}; use labels.long()")
-    if tuple(labels.shape) != (T,):
-        raise ValueError(f"{where}: labels must have shape [T] = [{T}], got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"{where}: labels are on {labels.device}, inputs on {device}; move them")
-    if check_values and T:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= v_global))
-        if bool(bad.any()):
-            i = int(torch.nonzero(bad)[0, 0])
-            raise ValueError(
-                f"{where}: labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {v_global}) and is not "
-                f"ignore_index={ignore_index}"
-            )
-
-
-def _check_float(t, name: str, where: str, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{where}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"{where}: {name} dtype must be float32 or bfloat16, got {t.dtype}")
-
-
-def _check_chunks(chunk_tokens, chunk_vocab, where: str) -> None:
-    for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: {name} must be None or an int >= 1, got {value!r}")
-
-
-def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-# ----------------------------------------------------------------------------- public
-
-
-def count_loss_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Number of loss tokens (``labels != ignore_index``) as a 0-dim int64 tensor on the
-    labels' device (no host sync). Sum it over micro-batches and data-parallel replicas to
-    get the step's normalizer."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"count_loss_tokens: labels must be a torch.Tensor, got {type(labels).__name__}")
-    return (labels != ignore_index).sum(dtype=torch.int64)
 
 
 def token_balanced_cross_entropy(
@@ -1085,80 +429,3 @@ def token_balanced_cross_entropy(
             all_reduce_hidden_grad,
         )
     return (loss, count_loss_tokens(labels, ignore_index)) if return_num_tokens else loss
-
-
-def token_balanced_cross_entropy_from_logits(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100,
-    tp_group=None,
-    *,
-    return_num_tokens: bool = False,
-    backend: str = "auto",
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    validate: bool | None = None,
-):
-    """Cross-entropy on given logits, summed over loss tokens and divided by ``normalizer``.
-
-    Same semantics as :func:`token_balanced_cross_entropy` with ``logits`` ``[T, V_local]``
-    (float32 or bfloat16; with ``tp_group`` of size > 1 the contiguous vocabulary shard of
-    this rank) in place of ``hidden @ weight.T``. The forward reads the logits once and
-    keeps only ``lse`` ``[T]``; the backward kernel writes ``d logits`` (a new ``[T, V_local]``
-    tensor in the logits dtype, fp32 math) in one pass. The logits are never written.
-
-    Returns:
-        0-dim float32 loss (and the 0-dim int64 loss-token count with ``return_num_tokens``).
-    """
-    where = "token_balanced_cross_entropy_from_logits"
-    _check_float(logits, "logits", where, 2)
-    if logits.shape[1] < 1:
-        raise ValueError(f"{where}: logits need at least one vocabulary column")
-    T = logits.shape[0]
-    device = logits.device
-    check_values = device.type == "cpu" if validate is None else validate
-    _check_labels(labels, T, where, device, logits.shape[1] * _tp_size(tp_group), ignore_index, check_values)
-    _check_normalizer(normalizer, where, device)
-    _check_chunks(chunk_tokens, chunk_vocab, where)
-    chosen = resolve_backend(backend, device, where)
-    norm = _normalizer_for(normalizer, device)
-    if T == 0:
-        loss = (logits.sum() * 0.0).float()
-    else:
-        loss = _LogitsCrossEntropy.apply(
-            _contiguous_rows(logits),
-            labels.contiguous(),
-            norm,
-            ignore_index,
-            tp_group,
-            chosen,
-            (chunk_tokens, chunk_vocab),
-        )
-    return (loss, count_loss_tokens(labels, ignore_index)) if return_num_tokens else loss
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def token_balanced_cross_entropy_from_logits_reference(
-    logits: torch.Tensor, labels: torch.Tensor, normalizer=None, ignore_index: int = -100
-) -> torch.Tensor:
-    """Plain fp32 PyTorch (unchunked, single process, full vocabulary) for tests."""
-    loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="sum")
-    if normalizer is not None:
-        loss = loss / (normalizer.float() if isinstance(normalizer, torch.Tensor) else float(normalizer))
-    return loss
-
-
-def token_balanced_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    normalizer=None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Plain fp32 PyTorch: materialises ``hidden.float() @ weight.float().T`` (tests only)."""
-    return token_balanced_cross_entropy_from_logits_reference(
-        hidden.float() @ weight.float().T, labels, normalizer, ignore_index
-    )
