@@ -1,6 +1,6 @@
 """GPU and cluster profiles for the cost model (editable YAML data, sources in the files).
 
-Profiles live in ``megatron_hbp/costmodel/hardware/<name>.yaml`` (``h100_sxm``, ``h200``);
+Profiles live in ``megatron_hbp/costmodel/hardware/<name>.yaml`` (``h100_sxm``, ``h200``, ...);
 ``load_hardware(name_or_path)`` accepts a preset name or a path to a YAML file with the
 same keys. Units: TFLOP/s = 1e12 FLOP/s, GB/s = 1e9 bytes/s, GiB = 2**30 bytes.
 
@@ -40,6 +40,10 @@ class HardwareProfile:
     """Inter-node network bandwidth per GPU and direction, GB/s."""
     gpus_per_node: int = 8
     """GPUs sharing one NVLink domain (default for clusters built from this GPU)."""
+    device_names: tuple[str, ...] = ()
+    """Substrings of the CUDA device name (``torch.cuda.get_device_name``, case-insensitive) of this
+    GPU: the trainer's memory check and its MFU find the profile by them
+    (``hardware_for_device_name``)."""
 
     def __post_init__(self):
         for name in (
@@ -107,6 +111,25 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
             "or give the path of a YAML file with HardwareProfile keys"
         )
     return load_yaml(HardwareProfile, preset)
+
+
+def hardware_for_device_name(device_name: str) -> HardwareProfile | None:
+    """The shipped profile whose ``device_names`` occur in ``device_name`` (e.g. ``"NVIDIA H100 80GB
+    HBM3"`` -> ``h100_sxm``), or None for a GPU without a profile. The one place a GPU name maps to
+    its peak FLOP/s and memory (the trainer's memory check and MFU both read it). Raises
+    ``ConfigError`` when two profiles claim the same name."""
+    upper = device_name.upper()
+    found = [
+        hw
+        for hw in (load_hardware(name) for name in available_hardware())
+        if any(key.upper() in upper for key in hw.device_names)
+    ]
+    if len(found) > 1:
+        raise ConfigError(
+            f"device '{device_name}' matches the device_names of several hardware profiles "
+            f"({', '.join(hw.name for hw in found)}); make them distinct in {HARDWARE_DIR}"
+        )
+    return found[0] if found else None
 
 
 @dataclass(frozen=True, kw_only=True)
