@@ -8,12 +8,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Cycles not yet broken (issue 16 lists the work); the test fails when a new one appears and
-# when one of these is broken without being removed from here.
-KNOWN_CYCLES = [
-    {"megatron_hbp.costmodel.hardware", "megatron_hbp.costmodel.model"},
-]
-
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     """Dotted name -> (file, is package) for megatron_hbp and kernels/ (as megatron_hbp.kernels)."""
@@ -117,13 +111,13 @@ def test_graph_sees_function_level_and_relative_imports():
     )
 
 
-def test_no_new_import_cycles():
+def test_no_import_cycles():
     found = cycles(import_graph())
-    assert all(c in KNOWN_CYCLES for c in found), f"new import cycle(s): {[sorted(c) for c in found]}"
-    assert all(c in found for c in KNOWN_CYCLES), "a known cycle is gone: remove it from KNOWN_CYCLES"
+    assert found == [], f"import cycle(s): {[sorted(c) for c in found]}; move the shared piece down a layer"
 
 
 def test_broken_cycles_stay_broken():
     graph = import_graph()
     assert not any(d.startswith("megatron_hbp.convert") for d in graph["megatron_hbp.model_config"])
     assert "megatron_hbp.costmodel.select" not in graph["megatron_hbp.costmodel.profiler"]
+    assert "megatron_hbp.costmodel.model" not in graph["megatron_hbp.costmodel.hardware"]
