@@ -9,7 +9,7 @@ MCORE := megatron-core==0.19.2
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format demo clean-cache
+.PHONY: setup test test-fast lint format demo clean-cache
 
 $(STAMP): requirements/cpu.txt requirements/dev.txt requirements/nodeps.txt setup.py pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fast tier: everything not marked slow (multi-process, trainer runs, long interpreter runs).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --nproc $(NPROC)

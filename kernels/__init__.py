@@ -1,18 +1,20 @@
 """Triton kernels of megatron-hbp (installed as ``megatron_hbp.kernels``).
 
-Imports only torch and triton. Each kernel lives in one module with its Triton code, a
-PyTorch reference (also the CPU fallback), the launcher and the public function:
+Imports only torch and triton. One folder per op (fla's ``ops/<op>/``, Liger): ``kernel.py``
+(Triton code and launchers), ``reference.py`` (fp32 PyTorch: the tests' oracle, and the CPU
+fallback where it is one), ``__init__.py`` (autograd function where there is a backward, and
+the public API), plus what the op needs besides:
 
-- :func:`attention_cost`: exact causal-attention pairs per pack and zigzag CP rank.
-- :func:`token_balanced_cross_entropy`: fused linear + cross-entropy summed over loss tokens
-  and divided by a caller-given normalizer, vocab-parallel, without [T, V] logits.
-
-Transformer-layer kernels (one folder each: ``reference.py`` fp32 PyTorch, ``kernel.py``
-Triton + launchers, ``__init__.py`` autograd function and public API):
-
+- :func:`attention_cost` (``attention_cost/``): exact causal-attention pairs per pack and
+  zigzag CP rank; :func:`attention_pairs_to_flops`.
+- :func:`token_balanced_cross_entropy` (``cross_entropy/``): fused linear + cross-entropy
+  summed over loss tokens and divided by a caller-given normalizer, vocab-parallel, without
+  [T, V] logits; :func:`token_balanced_cross_entropy_from_logits`; :func:`count_loss_tokens`.
 - :func:`rms_norm` (``rmsnorm/``): RMSNorm fwd/bwd, optionally fused with the residual add.
 - :func:`rope_qk` / :func:`rope` (``rope/``): RoPE on packed THD q/k by per-token positions.
 - :func:`swiglu` (``swiglu/``): ``silu(gate) * up`` on the fused gate|up projection output.
+
+Each op's benchmark sits beside its folder (``kernels/bench_<op>.py``).
 """
 
 from .attention_cost import attention_cost, attention_cost_reference, attention_pairs_to_flops

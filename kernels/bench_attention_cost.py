@@ -1,35 +1,23 @@
 """Benchmark of attention_cost: time and achieved bandwidth against a device-to-device copy.
 
 GPU (one command):  python kernels/bench_attention_cost.py
-Tile sweep (GPU):    python kernels/bench_attention_cost.py --sweep
-CPU check that it runs (numbers meaningless):  ... bench_attention_cost --cpu-smoke [--sweep]
+CPU check that it runs (numbers meaningless):  ... bench_attention_cost --cpu-smoke
 
 Bandwidth counts bytes read + written: ours reads the lengths and offsets and writes the
 ``[num_packs, cp]`` int64 result; the copy reads and writes the lengths + offsets bytes
 (``torch.Tensor.copy_`` of one flat byte buffer), measured in the same run. Times are
 medians over ``--iters`` runs after ``--warmup`` runs, with CUDA events. Prints a table;
 never asserts (a mismatch with the PyTorch reference is printed in the "exact" column).
-
-``--sweep`` times the kernel at several (BLOCK_P, BLOCK_I, num_warps) configurations per cp
-(:func:`sweep_configs`; the launcher's private knobs), each checked against the reference,
-after the default (untiled) kernel, and marks the tiled kernel's default config with ``*``. Triton compiles every (cp, config) once, so
-it uses fewer warm-up runs and iterations than the default table.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-if "--cpu-smoke" in sys.argv[1:]:
-    # --sweep --cpu-smoke runs the Triton kernel in the interpreter, which must be chosen
-    # before the kernels are imported (the plain --cpu-smoke table uses the PyTorch path).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch  # noqa: E402
+import torch
 
 try:
     from megatron_hbp.kernels import attention_cost, attention_cost_reference
@@ -42,35 +30,6 @@ except ImportError:  # a checkout without `pip install -e .` (e.g. a bare GPU ma
 
     megatron_hbp.__path__.append(str(_root))  # megatron_hbp.kernels -> <repo>/kernels
     from megatron_hbp.kernels import attention_cost, attention_cost_reference
-
-from megatron_hbp.kernels.attention_cost import _attention_cost_triton, _default_config  # noqa: E402
-from megatron_hbp.kernels.utils import is_interpreting  # noqa: E402
-
-
-def sweep_configs(cp: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_P, BLOCK_I, num_warps) to time for ``cp``, the launcher's default first.
-
-    Fewer packs per program waste fewer slots on the longest pack of the block (the loop
-    runs ceil(max docs / BLOCK_I) times; about 10 documents per pack here, long tail), more
-    packs and documents per step give more loads in flight. Tiles above 8192
-    (pack, document, rank) slots of uint64 are skipped (register spills).
-    """
-    cp_pow2 = 1 << (cp - 1).bit_length()
-    configs = [_default_config(cp)]
-    for config in (
-        (128, 8, 4),
-        (64, 16, 4),
-        (32, 16, 4),
-        (32, 32, 8),
-        (16, 8, 2),
-        (16, 16, 4),
-        (8, 16, 2),
-        (4, 16, 1),
-    ):
-        block_p, block_i, _ = config
-        if block_p * block_i * cp_pow2 <= 8192 and config not in configs:
-            configs.append(config)
-    return configs
 
 
 def make_packs(num_docs: int, num_packs: int, max_len: int, dtype: torch.dtype, seed: int):
@@ -119,25 +78,15 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--sweep", action="store_true", help="time several (BLOCK_P, BLOCK_I, num_warps) configs per cp"
-    )
-    parser.add_argument("--sweep-warmup", type=int, default=3)
-    parser.add_argument("--sweep-iters", type=int, default=20)
-    parser.add_argument(
         "--cpu-smoke",
         action="store_true",
-        help="tiny sizes on CPU (PyTorch path; --sweep: the Triton interpreter): checks the script runs",
+        help="tiny sizes on CPU (PyTorch path): checks the script runs",
     )
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
         device = torch.device("cpu")
         args.num_docs, args.num_packs, args.warmup, args.iters = 20_000, 2_000, 1, 3
-        if args.sweep:
-            # The kernel runs in the Triton interpreter here: fewer documents, one timed run.
-            if not is_interpreting():
-                raise SystemExit("bench_attention_cost: --sweep --cpu-smoke needs TRITON_INTERPRET=1")
-            args.num_docs, args.num_packs, args.sweep_warmup, args.sweep_iters = 600, 60, 0, 1
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
@@ -159,45 +108,12 @@ def main(argv=None) -> None:
     print(
         f"device-to-device copy of {in_bytes / 1e6:.1f} MB: {copy_ms:.3f} ms, {copy_gbs:.1f} GB/s (read+write)"
     )
-    config_col = f" {'BLOCK_P,BLOCK_I,warps':>22}" if args.sweep else ""
-    header = f"{'cp':>3}{config_col} {'ours ms':>9} {'ours GB/s':>10} {'% of copy':>10} {'torch ref ms':>13} {'exact':>6}"
+    header = f"{'cp':>3} {'ours ms':>9} {'ours GB/s':>10} {'% of copy':>10} {'torch ref ms':>13} {'exact':>6}"
     print(header)
     print("-" * len(header))
     for cp in args.cp:
         out_bytes = args.num_packs * cp * 8
         ref_ms = time_fn(lambda cp=cp: attention_cost_reference(lengths, offsets, cp), device, 1, 3)
-        if args.sweep:
-            # The same PyTorch code on the device: exact integers, faster than on the host.
-            expected = attention_cost_reference(lengths, offsets, cp)
-            default = _default_config(cp)
-            # the default (untiled) kernel first, then the tiled kernel's configurations
-            base = lambda cp=cp: attention_cost(lengths, offsets, cp)  # noqa: E731
-            exact = torch.equal(base(), expected)
-            ms = time_fn(base, device, args.sweep_warmup, args.sweep_iters)
-            gbs = (in_bytes + out_bytes) / ms / 1e6
-            print(
-                f"{cp:>3} {'untiled (default)':>22} {ms:>9.3f} {gbs:>10.1f} {100 * gbs / copy_gbs:>9.0f}% "
-                f"{ref_ms:>13.2f} {'yes' if exact else 'NO':>6}",
-                flush=True,
-            )
-            for block_p, block_i, num_warps in sweep_configs(cp):
-
-                def fn(cp=cp, block_p=block_p, block_i=block_i, num_warps=num_warps):
-                    return _attention_cost_triton(
-                        lengths, offsets, cp, _block_p=block_p, _block_i=block_i, _num_warps=num_warps
-                    )
-
-                exact = torch.equal(fn(), expected)  # also compiles this config before timing
-                ms = time_fn(fn, device, args.sweep_warmup, args.sweep_iters)
-                gbs = (in_bytes + out_bytes) / ms / 1e6
-                mark = "*" if (block_p, block_i, num_warps) == default else " "
-                config = f"{mark}{block_p},{block_i},{num_warps}"
-                print(
-                    f"{cp:>3} {config:>22} {ms:>9.3f} {gbs:>10.1f} {100 * gbs / copy_gbs:>9.0f}% "
-                    f"{ref_ms:>13.2f} {'yes' if exact else 'NO':>6}",
-                    flush=True,
-                )
-            continue
         ours_ms = time_fn(lambda cp=cp: attention_cost(lengths, offsets, cp), device, args.warmup, args.iters)
         exact = torch.equal(
             attention_cost(lengths, offsets, cp).cpu(), attention_cost_reference(lengths_cpu, offsets_cpu, cp)

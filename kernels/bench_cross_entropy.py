@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from megatron_hbp.kernels import cross_entropy as ce_module
     from megatron_hbp.kernels import token_balanced_cross_entropy
+    from megatron_hbp.kernels.cross_entropy import fused_linear as ce_module
 except ImportError:  # a checkout without `pip install -e .` (e.g. a bare GPU machine)
     import sys
     from pathlib import Path
@@ -39,8 +39,8 @@ except ImportError:  # a checkout without `pip install -e .` (e.g. a bare GPU ma
     import megatron_hbp
 
     megatron_hbp.__path__.append(str(_root))  # megatron_hbp.kernels -> <repo>/kernels
-    from megatron_hbp.kernels import cross_entropy as ce_module
     from megatron_hbp.kernels import token_balanced_cross_entropy
+    from megatron_hbp.kernels.cross_entropy import fused_linear as ce_module
 
 DEFAULT_SHAPES = ["8192x4096x128256", "32768x4096x128256", "8192x4096x151936"]
 

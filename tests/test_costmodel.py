@@ -366,6 +366,32 @@ def test_calibration_bad_input():
         calibrate(cm, [p])
 
 
+def test_hardware_for_device_name_reads_the_profiles(tmp_path, monkeypatch):
+    from megatron_hbp.costmodel import hardware
+
+    expected = {  # CUDA device name -> (profile, dense BF16 TFLOP/s from the datasheets)
+        "NVIDIA H100 80GB HBM3": ("h100_sxm", 989.4),
+        "NVIDIA H200": ("h200", 989.4),
+        "NVIDIA H800": ("h800", 989.4),
+        "NVIDIA A100-SXM4-80GB": ("a100_sxm", 312.0),
+        "NVIDIA A100 80GB PCIe": ("a100_sxm", 312.0),
+        "NVIDIA A800-SXM4-80GB": ("a800", 312.0),
+        "NVIDIA B200": ("b200", 2250.0),
+    }
+    for device, (name, tflops) in expected.items():
+        hw = hardware.hardware_for_device_name(device)
+        assert (hw.name, hw.bf16_dense_tflops) == (name, tflops), device
+    for device in ("NVIDIA A100-SXM4-40GB", "NVIDIA GeForce RTX 4090", "cpu"):
+        assert hardware.hardware_for_device_name(device) is None
+    # two profiles claiming one GPU: an error naming both, not a silent pick
+    row = "bf16_dense_tflops: 1\nhbm_gb_per_s: 1\nmemory_gib: 1\nnvlink_gb_per_s: 1\ninternode_gb_per_s: 1\n"
+    (tmp_path / "x1.yaml").write_text("name: x1\n" + row + "device_names: [X1]\n")
+    (tmp_path / "x1b.yaml").write_text("name: x1b\n" + row + "device_names: [x1]\n")
+    monkeypatch.setattr(hardware, "HARDWARE_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="several hardware profiles.*x1, x1b"):
+        hardware.hardware_for_device_name("Vendor X1 GPU")
+
+
 def test_hardware_profiles_load_and_validate(tmp_path):
     h100 = load_hardware("h100")
     assert h100.name == "h100_sxm" and h100.bf16_dense_tflops == pytest.approx(989.4)

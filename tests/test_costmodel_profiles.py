@@ -10,7 +10,7 @@ import pytest
 
 from megatron_hbp.configio import ConfigError
 from megatron_hbp.costmodel import CalibrationPoint, CostModel, Efficiency, TrainingSetup
-from megatron_hbp.costmodel.hardware import available_path_profiles, load_path_profile
+from megatron_hbp.costmodel.paths import available_path_profiles, load_path_profile
 from megatron_hbp.costmodel.profiler import calibrate
 
 MEASURED = [

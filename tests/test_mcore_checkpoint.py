@@ -131,8 +131,9 @@ def test_trainer_cost_model_knobs_match_costmodel():
 def test_hardware_for_device():
     assert hardware_for_device("NVIDIA H100 80GB HBM3", 85e9).name == "h100_sxm"
     assert hardware_for_device("NVIDIA H200", 150e9).name == "h200"
-    hw = hardware_for_device("NVIDIA A100-SXM4-80GB", 85.1e9)
-    assert hw.name == "generic (NVIDIA A100-SXM4-80GB)" and hw.memory_bytes == pytest.approx(85.1e9)
+    assert hardware_for_device("NVIDIA A100-SXM4-80GB", 85e9).name == "a100_sxm"
+    hw = hardware_for_device("NVIDIA A100-SXM4-40GB", 42.1e9)  # no profile: generic, memory = the limit
+    assert hw.name == "generic (NVIDIA A100-SXM4-40GB)" and hw.memory_bytes == pytest.approx(42.1e9)
 
 
 def _plan(groups, lengths):

@@ -33,3 +33,14 @@ def test_model_flops_attention_and_dense_terms():
     # tokens only: 6 FLOPs per parameter and token, input embedding excluded (a lookup)
     embed = cfg.vocab_size * cfg.hidden_size
     assert model_flops(cfg, 10, 0) == 6 * 10 * (cfg.num_parameters() - (0 if cfg.tie_embeddings else embed))
+
+
+def test_peak_tflops_reads_the_hardware_profiles():
+    from megatron_hbp.costmodel.hardware import load_hardware
+    from megatron_hbp.mcore.metrics import peak_tflops
+
+    # datasheet dense BF16 (no sparsity), the same number the cost model uses
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 == load_hardware("h100_sxm").bf16_dense_tflops
+    assert peak_tflops("NVIDIA B200") == 2250.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB") is None  # no profile: no MFU rather than a guess

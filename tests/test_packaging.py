@@ -37,5 +37,9 @@ def test_wheel_contents(tmp_path):
     presets = {Path(n).stem for n in names if n.startswith("megatron_hbp/presets/") and n.endswith(".yaml")}
     assert {"tiny", "llama3_1_8b", "llama3_1_70b", "qwen2_5_7b", "qwen2_5_32b", "qwen2_5_72b"} <= presets
     assert "megatron_hbp/costmodel/hardware/h100_sxm.yaml" in names
-    assert "megatron_hbp/kernels/attention_cost.py" in names
+    # One folder per op (kernels/<op>/): every module of each lands in the wheel.
+    for op in ("attention_cost", "cross_entropy", "rmsnorm", "rope", "swiglu"):
+        here = {p.name for p in (ROOT / "kernels" / op).glob("*.py")}
+        assert "__init__.py" in here and "kernel.py" in here and "reference.py" in here
+        assert {n.split("/")[-1] for n in names if n.startswith(f"megatron_hbp/kernels/{op}/")} >= here
     assert not any(n.startswith("megatron_hbp/kernels/tests/") for n in names)

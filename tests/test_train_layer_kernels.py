@@ -44,7 +44,7 @@ WORDS = [
 def _worker(work: Path) -> None:
     import torch
 
-    from megatron_hbp.kernels import cross_entropy as ce
+    from megatron_hbp.kernels.cross_entropy import kernel as ce
     from megatron_hbp.kernels.rmsnorm import kernel as rms
     from megatron_hbp.kernels.rope import kernel as rope
     from megatron_hbp.kernels.swiglu import kernel as glu

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_hbp.kernels import attention_cost, attention_cost_reference, attention_pairs_to_flops
-from megatron_hbp.kernels.attention_cost import _attention_cost_triton
+from megatron_hbp.kernels.attention_cost.kernel import _attention_cost_triton
 
 CUDA = torch.cuda.is_available()
 # The Triton path: compiled on CUDA, interpreted on CPU (root conftest sets TRITON_INTERPRET).
@@ -58,39 +58,6 @@ def test_matches_brute_force_random(cp, backend):
     got = run(lengths, offsets, cp, backend, device=device)
     assert got.dtype == torch.int64 and tuple(got.shape) == (300, cp)
     assert got.tolist() == brute_force(lengths, offsets, cp)
-
-
-@pytest.mark.parametrize("cp", CPS)
-@pytest.mark.parametrize("block_p, block_i", [(4, 4), (2, 8), (8, 2)])
-def test_tiling_small_blocks(cp, block_p, block_i):
-    # Packs of up to 21 documents: several loop steps of BLOCK_I, counts not multiples of it.
-    rng = random.Random(31 * cp + block_p)
-    lengths, offsets = random_case(rng, num_packs=23, max_docs=21, max_len=60)
-    # A block (packs 23..23+block_p) where one pack has 3 * block_i + 1 documents, the others none.
-    many = [rng.randint(0, 60) for _ in range(3 * block_i + 1)]
-    offsets += [offsets[-1]] * (block_p // 2) + [offsets[-1] + len(many)] * (block_p - block_p // 2)
-    lengths += many
-    for dtype in (torch.int32, torch.int64):
-        lt = torch.tensor(lengths, dtype=dtype, device=DEVICE)
-        ot = torch.tensor(offsets, dtype=dtype, device=DEVICE)
-        got = _attention_cost_triton(lt, ot, cp, _block_p=block_p, _block_i=block_i, _num_warps=1).cpu()
-        expected = attention_cost_reference(lt.cpu(), ot.cpu(), cp)
-        assert torch.equal(got, expected)
-        assert got.tolist() == brute_force(lengths, offsets, cp)
-
-
-@pytest.mark.parametrize("cp", [1, 3, 8])
-def test_tiling_long_documents_many_per_pack(cp):
-    # Near-limit lengths, more documents per pack than BLOCK_I: uint64 sums of doubled counts.
-    longest = 2**31 - 2 * cp
-    lengths = [longest, 1, longest - 5, 0, 2**30 + 3, longest - 1, 7, longest]
-    offsets = [0, 0, 5, 5, 8]
-    lt, ot = torch.tensor(lengths, device=DEVICE), torch.tensor(offsets, device=DEVICE)
-    expected = attention_cost_reference(lt.cpu(), ot.cpu(), cp)
-    assert expected.sum(1).max().item() > 2**62  # doubled, above the int64 range
-    for block_p, block_i in ((2, 2), (4, 8), (1, 4)):
-        got = _attention_cost_triton(lt, ot, cp, _block_p=block_p, _block_i=block_i, _num_warps=1)
-        assert torch.equal(got.cpu(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])

@@ -19,7 +19,9 @@ from megatron_hbp.kernels import (
     token_balanced_cross_entropy_from_logits_reference,
     token_balanced_cross_entropy_reference,
 )
-from megatron_hbp.kernels import cross_entropy as ce_module
+from megatron_hbp.kernels.cross_entropy import common as ce_common
+from megatron_hbp.kernels.cross_entropy import fused_linear as ce_module
+from megatron_hbp.kernels.cross_entropy import kernel as ce_kernel
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -38,7 +40,7 @@ BF16_ULP = 2.0**-8
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(ce_module, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(ce_kernel, "_POISON_OUTPUTS", True)
 
 
 def make_case(T=70, H=48, V=300, dtype=torch.float32, seed=0, ignore_every=5, device="cpu"):
@@ -255,9 +257,9 @@ def test_chunk_sizes_bound_memory():
     # One chunk of logits never exceeds the element budget, whatever T and V are.
     cpu = torch.device("cpu")
     for T, V in [(131072, 128256), (8192, 151936), (70, 300), (1, 10**6)]:
-        Tc, Vc = ce_module._chunk_sizes(T, V, cpu, None, None)
+        Tc, Vc = ce_common._chunk_sizes(T, V, cpu, None, None)
         assert 1 <= Tc <= T and 1 <= Vc <= V and Tc * Vc <= 1 << 22
-    assert ce_module._chunk_sizes(70, 300, cpu, 32, 100) == (32, 100)
+    assert ce_common._chunk_sizes(70, 300, cpu, 32, 100) == (32, 100)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from megatron_hbp.costmodel.profiler import (
     calibration_settings,
     holdout_calibration,
     measure_points,
+    profile_packs,
 )
 from megatron_hbp.costmodel.select import (
     Candidate,
@@ -33,7 +34,6 @@ from megatron_hbp.costmodel.select import (
     greedy_profile_ckpt,
     pick_fastest,
     plan_config_for,
-    profile_packs,
     select_groups_paper,
     select_groups_simulated,
     simulate_group_set,

@@ -11,14 +11,14 @@ import numpy as np
 import yaml
 
 from megatron_hbp.configio import ConfigError
-from megatron_hbp.costmodel.hardware import (
+from megatron_hbp.costmodel.hardware import available_hardware
+from megatron_hbp.costmodel.model import CostModel, Efficiency, TrainingSetup
+from megatron_hbp.costmodel.paths import (
     DEFAULT_PATH_PROFILE,
     PathProfile,
-    available_hardware,
     available_path_profiles,
     load_path_profile,
 )
-from megatron_hbp.costmodel.model import CostModel, Efficiency, TrainingSetup
 from megatron_hbp.model_config import available_presets
 
 

@@ -1,25 +1,20 @@
 """GPU and cluster profiles for the cost model (editable YAML data, sources in the files).
 
-Profiles live in ``megatron_hbp/costmodel/hardware/<name>.yaml`` (``h100_sxm``, ``h200``);
+Profiles live in ``megatron_hbp/costmodel/hardware/<name>.yaml`` (``h100_sxm``, ``h200``, ...);
 ``load_hardware(name_or_path)`` accepts a preset name or a path to a YAML file with the
 same keys. Units: TFLOP/s = 1e12 FLOP/s, GB/s = 1e9 bytes/s, GiB = 2**30 bytes.
 
-Code-path profiles (``PathProfile``) live in ``megatron_hbp/costmodel/hardware/paths/<name>.yaml``:
-the efficiencies and implementation knobs of one training code path, e.g. ``trainer_h100`` (this
-repository's trainer, calibrated on an H100) and ``te`` (a Transformer Engine path: the cost
-model's defaults). ``load_path_profile(name_or_path)`` reads one.
+Code-path profiles (``hardware/paths/*.yaml``) are read by ``megatron_hbp.costmodel.paths``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_hbp.configio import ConfigError, load_yaml
 
 HARDWARE_DIR = Path(__file__).parent / "hardware"
-PATHS_DIR = HARDWARE_DIR / "paths"
-DEFAULT_PATH_PROFILE = "trainer_h100"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +35,10 @@ class HardwareProfile:
     """Inter-node network bandwidth per GPU and direction, GB/s."""
     gpus_per_node: int = 8
     """GPUs sharing one NVLink domain (default for clusters built from this GPU)."""
+    device_names: tuple[str, ...] = ()
+    """Substrings of the CUDA device name (``torch.cuda.get_device_name``, case-insensitive) of this
+    GPU: the trainer's memory check and its MFU find the profile by them
+    (``hardware_for_device_name``)."""
 
     def __post_init__(self):
         for name in (
@@ -109,58 +108,20 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
     return load_yaml(HardwareProfile, preset)
 
 
-@dataclass(frozen=True, kw_only=True)
-class PathProfile:
-    """The efficiencies and implementation knobs of one training code path (what the simulator and
-    ``select_groups`` assume the job runs)."""
-
-    name: str
-    """Profile name (printed by the tools)."""
-    description: str = ""
-    """One line: which code path this is."""
-    source: str = ""
-    """Where the numbers come from (measurement files, command)."""
-    efficiency: dict = field(default_factory=dict)
-    """``Efficiency`` fields that differ from its defaults."""
-    setup: dict = field(default_factory=dict)
-    """``TrainingSetup`` fields that differ from its defaults."""
-
-    def resolve(self, efficiency: dict | None = None, setup: dict | None = None):
-        """(``Efficiency``, ``TrainingSetup``) of this profile with ``efficiency`` / ``setup`` overrides
-        on top (e.g. ``--set``); unknown keys or bad values raise ``ConfigError`` naming the profile."""
-        from megatron_hbp.configio import from_dict
-        from megatron_hbp.costmodel.model import Efficiency, TrainingSetup
-
-        for section in ("efficiency", "setup"):
-            if not isinstance(getattr(self, section), dict):
-                raise ConfigError(f"path profile '{self.name}': {section} must be a mapping")
-        eff = from_dict(
-            Efficiency,
-            {**self.efficiency, **(efficiency or {})},
-            where=f"path profile '{self.name}' efficiency",
+def hardware_for_device_name(device_name: str) -> HardwareProfile | None:
+    """The shipped profile whose ``device_names`` occur in ``device_name`` (e.g. ``"NVIDIA H100 80GB
+    HBM3"`` -> ``h100_sxm``), or None for a GPU without a profile. The one place a GPU name maps to
+    its peak FLOP/s and memory (the trainer's memory check and MFU both read it). Raises
+    ``ConfigError`` when two profiles claim the same name."""
+    upper = device_name.upper()
+    found = [
+        hw
+        for hw in (load_hardware(name) for name in available_hardware())
+        if any(key.upper() in upper for key in hw.device_names)
+    ]
+    if len(found) > 1:
+        raise ConfigError(
+            f"device '{device_name}' matches the device_names of several hardware profiles "
+            f"({', '.join(hw.name for hw in found)}); make them distinct in {HARDWARE_DIR}"
         )
-        st = from_dict(
-            TrainingSetup, {**self.setup, **(setup or {})}, where=f"path profile '{self.name}' setup"
-        )
-        return eff, st
-
-
-def available_path_profiles() -> list[str]:
-    return sorted(p.stem for p in PATHS_DIR.glob("*.yaml"))
-
-
-def load_path_profile(name_or_path: str | Path) -> PathProfile:
-    """A code-path profile by name (``trainer_h100``, ``te``) or a YAML file path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        prof = load_yaml(PathProfile, path)
-    else:
-        preset = PATHS_DIR / f"{str(name_or_path).lower()}.yaml"
-        if not preset.is_file():
-            raise ConfigError(
-                f"unknown path profile '{name_or_path}'. Available: {', '.join(available_path_profiles())}; "
-                "or give the path of a YAML file with PathProfile keys (name, efficiency, setup)"
-            )
-        prof = load_yaml(PathProfile, preset)
-    prof.resolve()  # validate its keys now, with the profile's name in the message
-    return prof
+    return found[0] if found else None

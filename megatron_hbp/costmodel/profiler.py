@@ -234,6 +234,36 @@ def measure_points(profiler: Profiler, settings: list[tuple[list, int, int, int]
     return out
 
 
+def profile_packs(
+    lengths: np.ndarray, pack_length: int, num_packs: int, *, seed: int = 0, pad_multiple: int = 16
+) -> list[np.ndarray]:
+    """``num_packs`` packs of ``pack_length`` drawn from the data ("hybrid data"): samples no longer
+    than the pack in a seeded random order, next-fit (lengths rounded up to ``pad_multiple`` while
+    fitting, so the pack also fits after CP padding up to cp = pad_multiple / 2)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    pool = lengths[order]
+    pool = pool[pool <= pack_length]
+    if not len(pool):
+        raise ValueError(f"no sample fits a pack of {pack_length} tokens")
+    padded = -(-pool // pad_multiple) * pad_multiple
+    packs, cur, used, i = [], [], 0, 0
+    n = len(pool)
+    while len(packs) < num_packs:
+        if i == n:  # wrap around: small data sets still give full packs
+            i = 0
+        p = int(padded[i])
+        if used + p > pack_length:
+            packs.append(np.array(cur, dtype=np.int64))
+            cur, used = [], 0
+            continue
+        cur.append(int(pool[i]))
+        used += p
+        i += 1
+    return packs
+
+
 def calibration_settings(
     lengths: np.ndarray,
     num_layers: int,
@@ -243,12 +273,10 @@ def calibration_settings(
     seed: int = 0,
 ) -> list[tuple[list, int, int, int]]:
     """The issue's single-GPU calibration grid: CP 1, each pack length with 0, half and all layers
-    recomputed (12 settings for 4 lengths), packs drawn from ``lengths`` (``select.profile_packs``)
+    recomputed (12 settings for 4 lengths), packs drawn from ``lengths`` (:func:`profile_packs`)
     so that every setting processes about ``tokens_per_setting`` tokens.
 
     Returns ``(packs, pack_length, cp, recompute_layers)`` tuples for ``measure_points``."""
-    from megatron_hbp.costmodel.select import profile_packs
-
     out = []
     for length in pack_lengths:
         packs = profile_packs(lengths, length, max(1, tokens_per_setting // length), seed=seed)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_hbp.costmodel.profiler import Profiler, ProfileResult
+from megatron_hbp.costmodel.profiler import Profiler, ProfileResult, profile_packs
 
 DEFAULT_LENGTHS = (8192, 16384, 32768, 65536, 131072)
 DEFAULT_CP = (1, 2, 4, 8)
@@ -62,36 +62,6 @@ class GroupChoice:
     pack_length: int
     cp: int
     recompute_layers: int
-
-
-def profile_packs(
-    lengths: np.ndarray, pack_length: int, num_packs: int, *, seed: int = 0, pad_multiple: int = 16
-) -> list[np.ndarray]:
-    """``num_packs`` packs of ``pack_length`` drawn from the data ("hybrid data"): samples no longer
-    than the pack in a seeded random order, next-fit (lengths rounded up to ``pad_multiple`` while
-    fitting, so the pack also fits after CP padding up to cp = pad_multiple / 2)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths))
-    pool = lengths[order]
-    pool = pool[pool <= pack_length]
-    if not len(pool):
-        raise ValueError(f"no sample fits a pack of {pack_length} tokens")
-    padded = -(-pool // pad_multiple) * pad_multiple
-    packs, cur, used, i = [], [], 0, 0
-    n = len(pool)
-    while len(packs) < num_packs:
-        if i == n:  # wrap around: small data sets still give full packs
-            i = 0
-        p = int(padded[i])
-        if used + p > pack_length:
-            packs.append(np.array(cur, dtype=np.int64))
-            cur, used = [], 0
-            continue
-        cur.append(int(pool[i]))
-        used += p
-        i += 1
-    return packs
 
 
 def greedy_profile_ckpt(

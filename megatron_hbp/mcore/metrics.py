@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_hbp.costmodel.hardware import hardware_for_device_name
 from megatron_hbp.kernels import attention_cost, attention_pairs_to_flops
-
-# Dense bf16 peak of one GPU, TFLOP/s (vendor datasheets, no sparsity).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0}
 
 
 def rank_attention_pairs(batches, cp_impl: str = "allgather") -> float:
@@ -40,14 +38,14 @@ def rank_attention_pairs(batches, cp_impl: str = "allgather") -> float:
 
 
 def peak_tflops(device_name: str | None = None) -> float | None:
+    """Dense BF16 peak of one GPU, TFLOP/s, from its cost-model hardware profile
+    (``megatron_hbp/costmodel/hardware/*.yaml``); None without CUDA or for a GPU without one."""
     if device_name is None:
         if not torch.cuda.is_available():
             return None
         device_name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS.items():
-        if key in device_name:
-            return value
-    return None
+    hardware = hardware_for_device_name(device_name)
+    return hardware.bf16_dense_tflops if hardware is not None else None
 
 
 def model_flops(model_cfg, tokens: int, attn_pairs: int) -> float:

@@ -354,17 +354,17 @@ def group_sum_sq_lengths(plan) -> np.ndarray:
 def hardware_for_device(device_name: str, limit_bytes: float):
     """Cost-model hardware profile of a GPU called ``device_name`` (``torch.cuda.get_device_name``).
 
-    A known GPU (H100 / H200 in the CUDA device name) gets its profile; any other GPU, or no GPU
+    A GPU with a profile (its ``device_names`` in the CUDA device name) gets it; any other GPU, or no GPU
     (``memory_limit_gb`` on CPU), gets a generic profile with the memory limit as its memory: its
     throughput fields are placeholders that ``CostModel.memory`` never reads, and borrowing the
     H100's would print an H100 banner (and H100 speeds to anyone reusing the model) for a GPU it is
     not."""
-    from megatron_hbp.costmodel.hardware import HardwareProfile, load_hardware
+    from megatron_hbp.costmodel.hardware import HardwareProfile, hardware_for_device_name
 
     name = device_name
-    for key, profile in (("H100", "h100_sxm"), ("H200", "h200")):
-        if key in name.upper():
-            return load_hardware(profile)
+    known = hardware_for_device_name(name)  # the profiles' device_names (costmodel/hardware/*.yaml)
+    if known is not None:
+        return known
     return HardwareProfile(
         name=f"generic ({name})",
         bf16_dense_tflops=1.0,
