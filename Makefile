@@ -15,7 +15,7 @@ $(STAMP): requirements/cpu.txt requirements/dev.txt requirements/nodeps.txt setu
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements/cpu.txt -r requirements/dev.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/nodeps.txt
-	# megatron-core >= 0.17 declares Python >= 3.12; its cp311 wheel works (ENVIRONMENT.md).
+	# megatron-core >= 0.17 declares Python >= 3.12; its cp311 wheel works (docs/environment.md).
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python $(MCORE)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)

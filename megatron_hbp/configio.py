@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +24,10 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or dict does not match its dataclass. The message says what to change."""
+
+
+# A number with an exponent, e.g. 5.7344e4 or 1e-5, that YAML 1.1 leaves a string.
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -51,8 +57,15 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         inner = args[0] if args else Any
         items = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+        value = float(value)  # YAML 1.1 (PyYAML) reads 5.7344e4 (no dot, no sign) as a string
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if tp is float and isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {value!r} is not a finite number; give a finite value >= 0")
+        if value < 0:
+            raise ConfigError(f"{where}: {value!r} is negative; give a value >= 0")
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
@@ -79,6 +92,42 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T
         return cls(**kwargs)
     except TypeError as e:  # missing required fields
         raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:  # a value check in __post_init__: say where the value came from
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def check_overrides(cls: type, overrides: list[str]) -> None:
+    """Check ``key.sub=value`` overrides (``--set``) against dataclass ``cls`` before they are
+    merged into a config: an unknown key or a value of the wrong type is a ConfigError that names
+    the ``--set`` flag (not the YAML file). Values are YAML; keys below a ``dict`` field are free."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov}: must look like key.sub=value")
+        key, value = ov.split("=", 1)
+        node: Any = cls
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            node = _strip_optional(node)
+            if not (dataclasses.is_dataclass(node) and isinstance(node, type)):
+                if typing.get_origin(node) is dict or node is dict:
+                    break
+                raise ConfigError(f"--set {ov}: '{'.'.join(parts[:i])}' is a value, not a section")
+            fields = {f.name: f for f in dataclasses.fields(node) if f.init}
+            if part not in fields:
+                close = difflib.get_close_matches(part, list(fields), n=1)
+                hint = f" (did you mean '{'.'.join(parts[:i] + [close[0]])}'?)" if close else ""
+                raise ConfigError(
+                    f"--set {ov}: unknown key '{key}'{hint}; valid keys of {'.'.join(parts[:i]) or 'the config'}: "
+                    + ", ".join(fields)
+                )
+            node = typing.get_type_hints(node)[part]
+        else:
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--set {ov}: the value is not valid YAML ({e})".splitlines()[0]) from None
+            if not (dataclasses.is_dataclass(_strip_optional(node)) and isinstance(parsed, dict)):
+                _convert(node, parsed, f"--set {ov}")
 
 
 def to_dict(obj: Any) -> Any:

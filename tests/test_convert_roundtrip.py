@@ -619,3 +619,43 @@ def test_find_hf_tokenizer(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{% endfor %}")
     assert find_hf_tokenizer(tmp_path) == (tmp_path / "tokenizer.json", "{% for m in messages %}{% endfor %}")
+
+
+def test_export_without_tokenizer_warns(tmp_path, caplog, capsys):
+    # A training checkpoint carries no tokenizer: the export says so (API: a log warning; CLI: a line).
+    _training_checkpoint(tmp_path, LLAMA, torch.float32, tp=1)
+    with caplog.at_level("WARNING", logger="megatron_hbp.convert"):
+        megatron_to_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
+    assert any("has no tokenizer" in r.getMessage() for r in caplog.records)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import convert_checkpoint as cli
+    finally:
+        sys.path.pop(0)
+    assert (
+        cli.main(
+            [
+                "megatron-to-hf",
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--output",
+                str(tmp_path / "o2"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "warning: " in err and "has no tokenizer" in err and "--tokenizer PATH" in err
+    from megatron_hbp.data import default_tokenizer_path
+
+    args = [
+        "megatron-to-hf",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--output",
+        str(tmp_path / "o3"),
+        "--no-progress",
+    ]
+    assert cli.main(args + ["--tokenizer", str(default_tokenizer_path())]) == 0
+    assert "has no tokenizer" not in capsys.readouterr().err

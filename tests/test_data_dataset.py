@@ -65,7 +65,7 @@ def test_every_item_matches_sample_info(tmp_path):
     lines = []
     for i in range(60):
         q = " ".join(rng.choice(words, rng.integers(1, 30)))
-        a = " ".join(rng.choice(words, rng.integers(0, 80)))
+        a = " ".join(rng.choice(words, rng.integers(1, 80)))  # an empty answer is a bad line
         lines.append(
             openai_line(("system", "s"), ("user", q), ("assistant", a))
             if i % 3

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import zlib
 
 import pytest
 
@@ -127,6 +128,17 @@ def test_chunks_last_line_without_newline(tmp_path):
 def test_chunks_corrupt_gzip(tmp_path):
     path = tmp_path / "a.jsonl.gz"
     good = gzip.compress(b"line\n" * 1000)
-    path.write_bytes(good[: len(good) // 2])
-    with pytest.raises(ValueError, match="a.jsonl.gz.*cannot read the file"):
-        list(iter_chunks([path]))
+    cut = good[: len(good) // 2]
+    path.write_bytes(cut)
+    complete = zlib.decompressobj(31).decompress(cut).count(b"\n")  # independent reference
+    chunks = []
+    with pytest.raises(
+        ValueError,
+        match=rf"a.jsonl.gz:{complete + 1}: the compressed data ends early.* after line {complete},",
+    ):
+        for c in iter_chunks([path]):
+            chunks.append(c)
+    assert b"".join(c.data for c in chunks) == b"line\n" * complete  # every complete line came first
+    cuts = []
+    chunks = list(iter_chunks([path], on_truncated=lambda *a: cuts.append(a)))
+    assert b"".join(c.data for c in chunks) == b"line\n" * complete and cuts[0][:2] == (0, complete + 1)

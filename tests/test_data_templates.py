@@ -137,6 +137,19 @@ def test_missing_or_bad_tokenizer(tmp_path):
     with pytest.raises(TokenizerError, match="cannot load SentencePiece model"):
         load_tokenizer(bad)
     bad_json = tmp_path / "tokenizer.json"
-    bad_json.write_text("{}")
+    bad_json.write_text('{"model": {"type": "Nope"}}')
     with pytest.raises(TokenizerError, match="cannot load Hugging Face tokenizer"):
+        load_tokenizer(bad_json)
+    # Mistral's tekken.json is valid JSON but another format: say so (not a JSON syntax error).
+    tekken = tmp_path / "tekken.json"
+    tekken.write_text(
+        '{"config": {"pattern": "x"}, "vocab": [{"rank": 0, "token_bytes": "AA=="}], "special_tokens": []}'
+    )
+    with pytest.raises(
+        TokenizerError,
+        match=r"tekken\.json is not a Hugging Face tokenizer\.json \(no 'model' section; top-level keys: 'config', 'vocab', 'special_tokens'\)",
+    ):
+        load_tokenizer(tekken)
+    bad_json.write_text("{")
+    with pytest.raises(TokenizerError, match="is not valid JSON"):
         load_tokenizer(bad_json)

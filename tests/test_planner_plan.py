@@ -77,10 +77,28 @@ LENGTHS_5_PACKS = np.array([10, 10, 10, 9, 4])  # BFD: 5 packs [10] [10] [10] [9
 
 
 def test_last_step_drop():
-    # 2 replicas x 2 mb = 4 packs per step; 5 packs -> one step; the least full pack ([4]) is dropped
+    # 2 replicas x 2 mb = 4 packs per step; 5 packs -> one step; one pack (= one sample here) is
+    # dropped, chosen at random: not the least full one ([4]) every time.
     plan = build_plan(LENGTHS_5_PACKS, None, _two_replica_cfg("drop"))
-    assert plan.num_steps == 1
-    assert plan.dropped.indices.tolist() == [4] and plan.dropped.reasons.tolist() == ["partial_step"]
+    assert (
+        plan.num_steps == 1 and len(plan.dropped) == 1 and plan.dropped.reasons.tolist() == ["partial_step"]
+    )
+    placed = sorted(plan.arrays["samples"].tolist() + plan.dropped.indices.tolist())
+    assert placed == [0, 1, 2, 3, 4]
+    counts = np.zeros(5, int)
+    for seed in range(500):
+        c = cfg([{"pack_length": 10}], world_size=2, micro_batches_per_step=2, last_step="drop", seed=seed)
+        counts[build_plan(LENGTHS_5_PACKS, None, c).dropped.indices] += 1
+    # Uniform: 100 expected per sample; binomial(500, 0.2) sd ~ 9, so 60..140 is > 4 sd wide.
+    assert counts.sum() == 500 and counts.min() >= 60 and counts.max() <= 140, counts
+
+
+def test_last_step_drop_never_leaves_a_group_without_steps():
+    # 3 packs < 4 per step: "drop" would drop the whole group; it runs one shrunk step instead.
+    plan = build_plan(np.array([10, 9, 4]), None, _two_replica_cfg("drop"))
+    assert plan.num_steps == 1 and len(plan.dropped) == 0
+    assert [s.micro_batches_per_replica for s in plan] == [2]
+    assert sorted(len(p[3]) for p in packs_of(plan)) == [0, 1, 1, 1]
 
 
 def test_last_step_pad():
@@ -92,12 +110,24 @@ def test_last_step_pad():
 
 
 def test_last_step_shrink():
-    # 7 packs: one full step (4) + 3 left: shrink -> a step with 1 mb per replica (2 packs) and
-    # the least full leftover dropped.
+    # 7 packs: one full step (4) + 3 left: shrink -> a step with ceil(3 / 2) = 2 micro-batches
+    # per replica, 3 real packs and 1 empty one; nothing dropped.
     lengths = np.array([10, 10, 10, 10, 9, 8, 4])
     plan = build_plan(lengths, None, _two_replica_cfg("shrink"))
-    assert [s.micro_batches_per_replica for s in plan] in ([2, 1], [1, 2])
-    assert plan.dropped.indices.tolist() == [6]
+    assert [s.micro_batches_per_replica for s in plan] == [2, 2] and len(plan.dropped) == 0
+    sizes = sorted(sorted(len(p[3]) for p in packs_of(plan) if p[0] == s) for s in range(2))
+    assert sizes == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    # 6 packs: 2 left -> 1 micro-batch per replica, no empty pack.
+    plan = build_plan(lengths[:6], None, _two_replica_cfg("shrink"))
+    assert sorted(s.micro_batches_per_replica for s in plan) == [1, 2] and len(plan.dropped) == 0
+    assert all(len(p[3]) == 1 for p in packs_of(plan))
+
+
+def test_default_last_step_drops_nothing():
+    c = cfg([{"pack_length": 10}], world_size=2, micro_batches_per_step=2)
+    assert c.last_step == "shrink"
+    plan = build_plan(np.array([10, 10, 10, 10, 9, 8, 4]), None, c)
+    assert len(plan.dropped) == 0 and sorted(plan.arrays["samples"].tolist()) == list(range(7))
 
 
 @st.composite
@@ -139,7 +169,7 @@ def test_every_sample_exactly_once_per_epoch_or_dropped(case):
             step = plan.step(int(s))
             grp = c.groups[step.group]
             assert len(step.replicas) == c.world_size // grp.cp
-            total_loss = 0
+            total_loss, empty = 0, 0
             for r in step.replicas:
                 assert len(r.micro_batches) == step.micro_batches_per_replica
                 for mb in r.micro_batches:
@@ -151,8 +181,11 @@ def test_every_sample_exactly_once_per_epoch_or_dropped(case):
                         assert (p.padded_lengths >= p.lengths).all()
                         assert p.loss_tokens == int(loss[p.sample_indices].sum())
                         total_loss += p.loss_tokens
-                        if len(p) == 0:
-                            assert c.last_step == "pad"
+                        empty += len(p) == 0
+            # empty packs only fill a group's last step: pad -> any number, shrink (and drop's
+            # one-step rule) -> fewer than one per replica
+            if c.last_step != "pad":
+                assert empty < len(step.replicas)
             assert step.loss_tokens == total_loss
         de = d.epochs == e
         dropped = d.indices[de].tolist()
@@ -160,7 +193,7 @@ def test_every_sample_exactly_once_per_epoch_or_dropped(case):
         assert sorted(placed + dropped) == list(range(len(lengths)))
         for i, reason in zip(d.indices[de], d.reasons[de]):
             assert reason == ("too_long" if lengths[i] > max_len else "partial_step")
-        if c.last_step == "pad":
+        if c.last_step in ("pad", "shrink"):  # nothing but too_long is ever dropped
             assert all(lengths[i] > max_len for i in dropped)
 
 

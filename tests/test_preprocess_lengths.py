@@ -246,7 +246,7 @@ def many_lines(n):
     out = []
     for i in range(n):
         q = " ".join(rng.choice(words, rng.integers(1, 40)))
-        a = " ".join(rng.choice(words, rng.integers(0, 60)))
+        a = " ".join(rng.choice(words, rng.integers(1, 60)))  # an empty answer is a bad line
         out.append(
             openai_line(("user", q), ("assistant", a)) if i % 2 else sharegpt_line(("human", q), ("gpt", a))
         )

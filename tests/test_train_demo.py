@@ -51,6 +51,7 @@ def test_demo_end_to_end(tmp_path):
         "examples/pretrain_llama_hbp.py", "--config", "configs/demo_tiny.yaml",
         "--max-steps", str(steps), "--metrics-file", str(tmp_path / "metrics.jsonl"),
         "--set", f"data.sample_info={tmp_path / 'sample_info.npz'}",
+        "--set", "data.build_if_missing=true",  # build the demo data there on purpose (not a typo)
         "--set", f"plan.path={tmp_path / 'plan'}",
         "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
     ]  # fmt: skip

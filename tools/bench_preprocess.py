@@ -13,6 +13,9 @@ conversations/s, CPU seconds) and the two ratios the project
 targets: tool(1 worker) / raw encode >= 0.60 and tool(2 workers) / tool(1 worker) >= 1.6.
 It reports, never asserts. The machine load (os.getloadavg) is printed before and after:
 on a shared machine the 2-worker number depends on free cores.
+
+example:
+  python tools/bench_preprocess.py --num 20000
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@
   # back to a HF directory (config.json, sharded safetensors + index, tokenizer files)
   python tools/convert_checkpoint.py megatron-to-hf --checkpoint ckpt/llama8b_tp2 --output out/llama8b
 
+  # a training checkpoint carries no tokenizer: pass the one the run trained with
+  python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/x/checkpoints \\
+      --tokenizer /models/Llama-3.1-8B --hf-config /models/Llama-3.1-8B --output out/llama8b_sft
+
 Both directions stream one tensor at a time: peak host memory is about the largest tensor.
 """
 
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_hbp.convert import hf_to_megatron, megatron_to_hf
+from megatron_hbp.convert.checkpoint import has_tokenizer
 from megatron_hbp.model_config import available_presets
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -98,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
             print(f"wrote {args.output}: config.json + {len(files)} safetensors file(s)")
+            if not has_tokenizer(args.output):
+                print(
+                    f"warning: {args.output} has no tokenizer (the checkpoint carries none); rerun with "
+                    "--tokenizer PATH (the tokenizer the model was trained with)",
+                    file=sys.stderr,
+                )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,10 @@
 
 Each stage is the same command a user would type (printed before it runs), so the demo
 doubles as the quickstart. Outputs land under ``runs/demo/``.
+
+example:
+  python tools/demo.py --nproc 2                 # what `make demo` runs
+  python tools/demo.py --skip-train --out runs/demo_plan_only
 """
 
 from __future__ import annotations

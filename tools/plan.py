@@ -134,6 +134,9 @@ def main(argv=None) -> int:
                 "see dropped_by_reason in report.json",
                 file=sys.stderr,
             )
+        warning = plan.stats["drops"]["warning"]
+        if warning:
+            print(warning, file=sys.stderr)
         path = plan.save(a.output / "plan.npz")
         rep = write_report(plan, a.output, title=f"Plan report: {name}")
         if a.plot:

@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
-"""Compute the sample info (.npz: tokens and loss tokens per sample, where each sample lives)
-of chat JSONL data. Thin CLI over ``megatron_hbp.data.preprocess``; see docs/data.md."""
+r"""Compute the sample info (.npz: tokens and loss tokens per sample, where each sample lives)
+of chat JSONL data. Thin CLI over ``megatron_hbp.data.preprocess``; see docs/data.md.
+
+example:
+  python tools/preprocess_lengths.py --data data/chats/ --tokenizer tokenizer.json \
+      --template llama3 --max-length 131072 --workers 16 --on-error skip \
+      --output cache/chats.npz --plot cache/chats_lengths.png"""
 
 from __future__ import annotations
 
@@ -10,13 +15,18 @@ import sys
 
 from megatron_hbp.data import TEMPLATES, DataError, TokenizerError, format_summary, plot_histogram, preprocess
 from megatron_hbp.data.demo import ensure_demo_data
+from megatron_hbp.data.preprocess import WorkerError
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, the description (with its example) printed as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="preprocess_lengths.py",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
         epilog=(
             "Input lines are OpenAI {'messages': [{'role', 'content'}]} or ShareGPT "
             "{'conversations': [{'from', 'value'}]} objects. A rerun with unchanged inputs (files' size "
@@ -40,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--template", default="plain", choices=sorted(TEMPLATES), help="chat template")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
+    p.add_argument(
+        "--chunk-bytes", type=int, default=1 << 20, metavar="B", help="input bytes per work unit of a worker"
+    )
     p.add_argument("--max-length", type=int, default=None, metavar="L", help="max tokens per sample")
     p.add_argument(
         "--overflow",
@@ -79,8 +92,9 @@ def main(argv=None) -> int:
             content_hash=args.content_hash,
             force=args.force,
             progress=False if args.no_progress else None,
+            chunk_bytes=args.chunk_bytes,
         )
-    except (DataError, TokenizerError, FileNotFoundError, ValueError) as e:
+    except (DataError, TokenizerError, WorkerError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.reused:

@@ -16,6 +16,7 @@ straight into a model with :func:`load_hf_into_model` (no intermediate files).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -612,4 +613,15 @@ def megatron_to_hf(
     )
     if tokenizer is not None:
         _tokenizer_side_files(Path(tokenizer), Path(output_dir))
+    if not has_tokenizer(output_dir):
+        logging.getLogger("megatron_hbp.convert").warning(
+            "%s has no tokenizer (the checkpoint carries none): pass tokenizer= (--tokenizer) with the one the "
+            "model was trained with, or the folder cannot be loaded by AutoTokenizer",
+            output_dir,
+        )
     return files
+
+
+def has_tokenizer(hf_dir: str | Path) -> bool:
+    """A HF directory ships a tokenizer (``tokenizer.json`` or ``tokenizer.model``)."""
+    return any((Path(hf_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))

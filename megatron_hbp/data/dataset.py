@@ -18,11 +18,9 @@ pickling drops them: the dataset is cheap to send to DataLoader workers.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_hbp.data.formats import LineError, is_gzip_path, parse_line
+from megatron_hbp.data.formats import LineError, decompress_file, is_gzip_path, parse_line
 from megatron_hbp.data.sample_info import SampleInfo, load_sample_info
 from megatron_hbp.data.templates import CompiledTemplate
 from megatron_hbp.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
@@ -124,8 +122,10 @@ class SFTDataset:
             log.info("decompressing %s to %s for random access (once)", path, copy)
             fd, tmp = tempfile.mkstemp(prefix=copy.name + ".", suffix=".tmp", dir=cache_dir)
             try:
-                with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
+                with os.fdopen(fd, "wb") as out:
+                    cut = decompress_file(path, out)
+                if cut:  # preprocessing kept only the complete lines before the damage (CRC-checked)
+                    log.warning("%s: %s; only the lines before the damage are readable", path, cut)
                 os.replace(tmp, copy)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -1,8 +1,9 @@
 """Build sample info (token counts per sample) from chat JSONL, in parallel, with a cache.
 
 Pipeline: the parent process reads each file sequentially (decompressing ``.gz``) and cuts it
-into ~1 MiB chunks of whole lines; worker processes (``Pool.imap``, in order, with a bounded
-read-ahead) parse each line, render it with the chat template, encode **all text pieces of the
+into ~1 MiB chunks of whole lines; worker processes (a ``ProcessPoolExecutor``, results in
+order, at most ``4 * workers`` chunks in flight; a dead worker ends the run with
+:class:`WorkerError`, never a hang) parse each line, render it with the chat template, encode **all text pieces of the
 chunk in one tokenizer call** and reduce piece lengths to per-sample counts with NumPy; the
 parent concatenates the per-chunk arrays. With ``workers=1`` everything runs in-process.
 
@@ -17,10 +18,11 @@ import logging
 import multiprocessing as mp
 import os
 import sys
-import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from megatron_hbp.data.sample_info import (
 from megatron_hbp.data.templates import CompiledTemplate, get_template
 from megatron_hbp.data.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["preprocess", "PreprocessResult", "ON_ERROR", "OVERFLOW", "truncated_loss_tokens"]
+__all__ = ["preprocess", "PreprocessResult", "WorkerError", "ON_ERROR", "OVERFLOW", "truncated_loss_tokens"]
 
 log = logging.getLogger("megatron_hbp.data")
 
@@ -90,6 +92,7 @@ def _error_kind(message: str) -> str:
         ("unknown role", "unknown_role"),
         ("empty conversation", "empty_conversation"),
         ("no assistant turn", "no_assistant_turn"),
+        ("empty response", "empty_response"),
     ):
         if key in message:
             return kind
@@ -198,17 +201,53 @@ def _work(chunk: Chunk) -> _ChunkResult:
     return _process_chunk(chunk, *_WORKER)
 
 
-def _bounded(iterable, sem: threading.Semaphore, stop: threading.Event):
-    # Pool.imap's feeder thread drains its input eagerly: bound the read-ahead so a large
-    # dataset is never held in memory at once. ``stop`` ends the feed when the parent gives up
-    # early (an error), so that Pool.terminate() does not wait on a feeder blocked here.
-    for x in iterable:
-        while not sem.acquire(timeout=0.05):
-            if stop.is_set():
-                return
-        if stop.is_set():
-            return
-        yield x
+class WorkerError(RuntimeError):
+    """A preprocessing worker process died or failed outside the per-line checks."""
+
+
+def _parallel(chunks, workers: int, initargs: tuple):
+    """Results of ``_work`` over ``chunks`` in order, on ``workers`` processes.
+
+    The file is read here, in the caller's thread (so a read error is raised here, never inside
+    the pool), with at most ``4 * workers`` chunks in flight (memory stays bounded). A worker's
+    exception is re-raised as is (every error class of the package pickles); a worker that dies
+    (killed, out of memory, crashed) ends the run with :class:`WorkerError` instead of a hang.
+    Closing the generator (or an exception) shuts the pool down without waiting for queued work.
+    """
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs)
+    pending: deque = deque()
+    read_error = None  # raised once the chunks read before it are delivered (errors stay in file order)
+    try:
+        it = iter(chunks)
+        more = True
+        while more or pending:
+            try:
+                while more and len(pending) < 4 * workers:
+                    try:
+                        c = next(it, None)
+                    except DataError as e:
+                        c, read_error = None, e
+                    if c is None:
+                        more = False
+                    else:
+                        pending.append(pool.submit(_work, c))
+                result = pending.popleft().result() if pending else None
+            except BrokenProcessPool as e:
+                raise WorkerError(
+                    "a preprocessing worker process died before finishing its chunk (killed? out of "
+                    f"memory? the tokenizer failed to load?): {e}; rerun with fewer --workers or --workers 1 "
+                    "to see the error"
+                ) from None
+            if result is not None:
+                yield result
+        if read_error is not None:
+            raise read_error
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _progress_bar(total_bytes: int, enabled: bool | None):
@@ -247,8 +286,11 @@ def preprocess(
     ``on_error="raise"`` stops at the first bad line with a :class:`DataError` (file, line,
     problem) and writes nothing; ``"skip"`` records it in ``info.skipped``. Samples longer than
     ``max_length`` tokens are truncated (``overflow="truncate"``; a sample left without loss
-    tokens is dropped) or dropped (``"drop"``); both are counted in ``info.stats``.
-    ``progress``: ``None`` shows a bar only on a terminal.
+    tokens is dropped) or dropped (``"drop"``); both are counted in ``info.stats``. A truncated
+    or corrupt ``.gz`` file raises :class:`DataError` naming its last complete line, or with
+    ``"skip"`` keeps every complete line before the damage and records the cut (kind
+    ``truncated_file``, logged as a warning). A worker process that dies raises
+    :class:`WorkerError`. ``progress``: ``None`` shows a bar only on a terminal.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -289,26 +331,18 @@ def preprocess(
     total_bytes = sum(f.stat().st_size for f in files)
     before = np.concatenate([[0], np.cumsum([f.stat().st_size for f in files])]).tolist()
     parts: list[_ChunkResult] = []
+    cuts: list[tuple[int, int, str]] = []  # (source, first incomplete line, message): truncated .gz
     n_samples = 0
-    pool = None
-    stop = threading.Event()
     bar = _progress_bar(total_bytes, progress)
     try:
-        chunks = iter_chunks(files, chunk_bytes)
+        chunks = iter_chunks(
+            files, chunk_bytes, on_truncated=None if on_error == "raise" else lambda *c: cuts.append(c)
+        )
         if workers == 1:
             results = (_process_chunk(c, compiled, max_length, truncate) for c in chunks)
-            sem = None
-        else:
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-            pool = ctx.Pool(
-                workers, initializer=_init_worker, initargs=(tok_path, template, max_length, truncate)
-            )
-            sem = threading.Semaphore(4 * workers)
-            results = pool.imap(_work, _bounded(chunks, sem, stop))
+        else:  # a generator: closed in ``finally``
+            results = _parallel(chunks, workers, (tok_path, template, max_length, truncate))
         for r in results:
-            if sem is not None:
-                sem.release()
             if r.errors and on_error == "raise":
                 line, reason = r.errors[0]
                 raise DataError(files[r.source], line, reason.split(": ", 1)[1])
@@ -321,10 +355,10 @@ def preprocess(
             )
     finally:
         bar.close()
-        stop.set()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if workers > 1:
+            results.close()  # shuts the pool down now, also when an error stopped the loop
+    for source, line, msg in cuts:
+        log.warning("%s:%d: %s; kept the complete lines before it", files[source], line, msg)
     seconds = time.perf_counter() - t0
 
     def cat(name, dtype):
@@ -335,10 +369,12 @@ def preprocess(
     if lengths.size and lengths.max() > np.iinfo(np.int32).max:
         raise ValueError("a sample has more than 2**31-1 tokens; pass --max-length")
     skipped = [(p.source, line, reason) for p in parts for line, reason in p.errors + p.dropped]
+    skipped += [(source, line, f"truncated_file: {msg}") for source, line, msg in cuts]
     skipped.sort(key=lambda s: (s[0], s[1]))
     skipped_arr = np.array([(s, ln, r[:200]) for s, ln, r in skipped], dtype=SKIPPED_DTYPE)
     truncated = cat("truncated", bool)
     kinds = Counter(r.split(":", 1)[0] for p in parts for _, r in p.errors)
+    kinds.update(["truncated_file"] * len(cuts))
     drops = Counter(r.split(":", 1)[0] for p in parts for _, r in p.dropped)
     stats = {
         "samples": int(lengths.size),

@@ -137,6 +137,24 @@ _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
 
 
+def _check_hf_json(path: str) -> None:
+    """A JSON file that is valid JSON but not a Hugging Face ``tokenizer.json`` (e.g. Mistral's
+    ``tekken.json``) gets an error saying so, not the library's misleading parse error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"tokenizer file {path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) if isinstance(obj, dict) else type(obj).__name__
+        raise TokenizerError(
+            f"{path} is not a Hugging Face tokenizer.json (no 'model' section; top-level keys: {keys}); "
+            "pass the model's tokenizer.json (tokenizers library format) or a SentencePiece .model"
+        )
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizer.json`` (``tokenizers`` library; no hub access).
 
@@ -149,6 +167,7 @@ class HFTokenizer(Tokenizer):
 
         self.path = str(path)
         self.name = Path(path).parent.name + "/" + Path(path).name
+        _check_hf_json(self.path)
         try:
             self._tok = _HF.from_file(self.path)
         except Exception as e:  # tokenizers raises a bare Exception on bad files

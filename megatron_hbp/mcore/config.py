@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from megatron_hbp.configio import ConfigError, from_dict, load_yaml
+from megatron_hbp.configio import ConfigError, check_overrides, from_dict, load_yaml
 from megatron_hbp.mcore.batch import LOSS_NORMALIZATIONS
 
 CP_BACKENDS = ("auto", "ulysses", "allgather", "te")
@@ -205,6 +205,8 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.log_interval < 1:
             raise ConfigError(f"log_interval must be >= 1, got {self.log_interval}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
 
     @property
     def model_source(self) -> str:
@@ -220,6 +222,7 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
+    check_overrides(TrainConfig, overrides or [])  # a bad --set is reported as such
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' must look like key.sub=value")

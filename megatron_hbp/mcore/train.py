@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from megatron_hbp.configio import ConfigError, to_dict
+from megatron_hbp.mcore import preflight_checks as checks
 from megatron_hbp.mcore.config import OptimizerConfig, TrainConfig, load_train_config
 from megatron_hbp.model_config import ModelConfig, load_model_config
 
@@ -71,6 +72,7 @@ def dist_env() -> tuple[int, int, int]:
 def init_distributed() -> tuple[int, int, torch.device]:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU; CPU shim when CUDA is absent)."""
     rank, world, local_rank = dist_env()
+    checks.quiet_other_ranks(rank)  # third-party import warnings: rank 0 prints them once
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -468,6 +470,9 @@ def _device_memory_limit(cfg: TrainConfig) -> float | None:
 
 def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
     """Every check that does not need the model; builds sample info / plan when configured."""
+    warns = checks.check_device_settings(cfg, on_cuda=torch.cuda.is_available())  # CPU-only mistakes
+    for warning in warns if rank == 0 else []:
+        print(f"[hbp] WARNING {warning}", flush=True)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     try:
         model_cfg = load_model_config(cfg.model_source)
@@ -951,6 +956,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a LLaMA-shaped model with Megatron-Core from an HBP plan "
         "(launch with torchrun or srun; one process = one GPU, or one CPU rank with gloo).",
+        epilog="examples:\n"
+        "  torchrun --nproc-per-node 2 examples/pretrain_llama_hbp.py --config configs/demo_tiny.yaml\n"
+        "  python examples/pretrain_llama_hbp.py --config configs/llama3_1_8b_128k_hbp.yaml --dry-run\n"
+        "  torchrun --nproc-per-node 8 examples/pretrain_llama_hbp.py --config my.yaml --set optimizer.lr=1e-5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--config", required=True, help="run YAML (configs/demo_tiny.yaml, configs/llama3_1_8b_128k_hbp.yaml)"
@@ -971,6 +981,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--dry-run", action="store_true", help="run the pre-flight checks, print the resolved config, stop"
     )
+    p.add_argument(
+        "--nproc", type=int, default=None, help="--dry-run under plain python: the launch size to check "
+        "(default: the plan's world size x tp x pp)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -989,16 +1003,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
+        checks.check_sample_info_override(args.config, args.overrides, cfg)
         if args.dry_run:
+            simulate = not checks.launched()  # plain python: check the launch size of --nproc / the plan
             rank, world, _ = init_distributed()
+            world = checks.dry_run_world(cfg, args.nproc) if simulate else world
             prep = preflight(cfg, world, rank)
             if rank == 0:
                 print(json.dumps(to_dict(cfg), indent=2))
                 print(f"[hbp] pre-flight ok: plan of {prep.plan.num_steps} steps for {prep.dp_size} ranks")
+                if simulate:
+                    print(
+                        f"[hbp] (checked for a launch of {world} processes: torchrun --nproc-per-node {world})"
+                    )
             return 0
         run(cfg)
     except (TrainSetupError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if checks.report_error_here(e):  # a config error is the same on every rank: rank 0 says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return 2

@@ -8,8 +8,10 @@ Per epoch (own seed ``[seed, epoch]``), groups from the largest to the smallest:
 3. GreedyFill: best-fit the not yet placed samples of all shorter groups (largest first) into
    the free space of this group's packs. Going from the largest group down means a sample is
    taken before its own group is packed, so no hole is left behind.
-4. Last partial step: the packs beyond a multiple of ``replicas * micro_batches`` (the least
-   full ones) are dropped, padded with empty packs, or run as a shorter step (``last_step``).
+4. Last partial step: the packs beyond a multiple of ``replicas * micro_batches`` run as a
+   step with fewer micro-batches (``shrink``, default: nothing dropped), as a full step padded
+   with empty packs (``pad``), or are dropped, chosen at random per epoch (``drop``; a group with
+   samples still gets at least one step).
 5. Balance the packs into steps (``balance``).
 Then the steps of all groups are ordered: curriculum (first K steps from the short groups),
 the rest interleaved evenly (step ``j`` of a group with ``n`` steps at position ``(j+0.5)/n``),
@@ -204,29 +206,37 @@ def _plan_epoch(lengths, loss_tokens, gid, config: PlanConfig, epoch: int, timer
         np.cumsum(counts, out=off[1:])
         pack_of = np.repeat(np.arange(nb), counts)
         sl = lengths[samp].astype(np.float64)
-        tok = np.bincount(pack_of, weights=sl, minlength=nb).astype(np.int64)
         pad = np.bincount(pack_of, weights=cp_padded(lengths[samp], grp.cp), minlength=nb).astype(np.int64)
         attn = np.bincount(pack_of, weights=sl * sl, minlength=nb).astype(np.int64)
         loss = np.bincount(pack_of, weights=loss_tokens[samp], minlength=nb).astype(np.int64)
         timer.lap("packing")
 
-        # Last partial step. Packs that must go are the least full; the extra step of "pad" or
-        # "shrink" takes the run of packs, consecutive in cost order, whose costs are closest
-        # (so that short step balances too; removing a run keeps the rest sorted-contiguous).
+        # Last partial step (q packs beyond whole steps). "shrink" (default): one more step with
+        # ceil(q / R) micro-batches, the < R missing packs empty -- nothing dropped; "pad": one
+        # more full step, the rest empty; "drop": q packs chosen at random (each sample is
+        # dropped with the same probability q / nb whatever its length or its pack's fullness;
+        # a new choice every epoch), except that a group with samples never gets 0 steps (then
+        # "shrink"). The extra step takes the run of packs, consecutive in cost order, whose
+        # costs are closest (so it balances too; removing a run keeps the rest sorted-contiguous).
         R, m = config.replicas(g), config.micro_batches(g)
         per_step = R * m
         q = nb % per_step
         cost = pack_cost(pad, attn, config.cost_linear_coef)
         key = cost if config.balance == "lpt" else attn.astype(np.float64)
-        mm, n_drop, n_empty = 0, q, 0
-        if q and config.last_step == "pad":
-            mm, n_drop, n_empty = m, 0, per_step - q
-        elif q and config.last_step == "shrink":
-            mm = q // R
-            n_drop = q - mm * R
-        by_fill = np.lexsort((np.arange(nb), attn, tok))  # least tokens first
-        dropped_packs = np.sort(by_fill[:n_drop])
-        kept = np.sort(by_fill[n_drop:])
+        policy = config.last_step
+        if policy == "drop" and 0 < nb < per_step:
+            policy = "shrink"
+            stats.setdefault("kept_by_one_step_rule", set()).add(g)
+        mm, n_drop, n_empty = 0, 0, 0
+        if q and policy == "pad":
+            mm, n_empty = m, per_step - q
+        elif q and policy == "shrink":
+            mm = -(-q // R)
+            n_empty = mm * R - q
+        elif q:
+            n_drop = q
+        dropped_packs = np.sort(rng.choice(nb, n_drop, replace=False)) if n_drop else np.zeros(0, np.int64)
+        kept = np.setdiff1d(np.arange(nb), dropped_packs)
         n_extra = q - n_drop
         by_cost = kept[np.lexsort((kept, key[kept]))]
         w0 = _closest_run(key[by_cost], n_extra)
@@ -278,6 +288,57 @@ def _record_balance(stats, g, config, attn, cost, R, m, rng, chosen) -> None:
         e = b.setdefault(method, {"cost": [], "attn": []})
         e["cost"].append(max_over_mean(replica_sums(lay, cost)))
         e["attn"].append(max_over_mean(replica_sums(lay, a64)))
+
+
+DROP_WARN_FRACTION = 0.001
+"""A plan that drops more than this fraction of its sample-epochs gets a warning line."""
+
+
+def _bucket_label(b: int) -> str:
+    return "1-16" if b == 0 else f"{2 ** (b + 3) + 1}-{2 ** (b + 4)}"
+
+
+def drop_summary(lengths: np.ndarray, gid: np.ndarray, arrays: dict, config: PlanConfig) -> dict:
+    """Dropped samples by length bucket (``1-16``, ``17-32``, ... tokens: dropped / planned
+    sample-epochs), the dropped fraction, the (epoch, group) pairs that lost every sample of the
+    group, and ``warning``: one line when more than 0.1 % of the sample-epochs or any whole group
+    was dropped (else None)."""
+    G = len(config.groups)
+    n_total = len(lengths) * config.epochs
+    idx, reasons, epochs = arrays["dropped_indices"], arrays["dropped_reasons"], arrays["dropped_epochs"]
+    bucket = np.maximum(np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64) - 4, 0)
+    nb = int(bucket.max()) + 1
+    have = np.bincount(bucket, minlength=nb) * config.epochs
+    lost = np.bincount(bucket[idx], minlength=nb)
+    by_length = {_bucket_label(b): [int(lost[b]), int(have[b])] for b in range(nb) if have[b]}
+    own = np.bincount(gid, minlength=G + 1)[:G]
+    whole = []
+    for e in range(config.epochs):
+        sel = idx[(epochs == e) & (reasons == PARTIAL)]
+        lost_g = np.bincount(gid[sel], minlength=G + 1)[:G]
+        whole += [[e, g] for g in range(G) if own[g] and lost_g[g] == own[g]]
+    frac = len(idx) / n_total if n_total else 0.0
+    warning = None
+    if len(idx) and (frac > DROP_WARN_FRACTION or whole):
+        counts = {r: int((reasons == i).sum()) for i, r in enumerate(DROP_REASONS) if (reasons == i).any()}
+        worst = ", ".join(f"{k} tokens {v[0]}/{v[1]}" for k, v in by_length.items() if v[0])
+        fixes = []
+        if counts.get("partial_step"):
+            fixes.append("last_step: shrink keeps every sample of a partial step")
+        if counts.get("too_long"):
+            fixes.append("add a larger group or preprocess with --max-length to keep the too_long samples")
+        lost_groups = (
+            "; whole groups lost (epoch, group): " + ", ".join(f"({e}, {g})" for e, g in whole)
+            if whole
+            else ""
+        )
+        warning = (
+            f"warning: the plan drops {len(idx)} of {n_total} sample-epochs ({100 * frac:.2f} %: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + f"){lost_groups}; dropped by length: {worst}; "
+            + "; ".join(fixes)
+        )
+    return {"by_length": by_length, "fraction": frac, "whole_groups_dropped": whole, "warning": warning}
 
 
 def build_plan(
@@ -389,6 +450,7 @@ def build_plan(
         "dropped_epochs": np.concatenate(d_ep) if d_ep else np.zeros(0, np.int32),
     }
     timer.lap("ordering")
+    stats["drops"] = drop_summary(lengths, gid, arrays, config)
     stats["stage_seconds"] = dict(timer.t)
     stats["stage_cpu_seconds"] = dict(timer.cpu)
     stats["plan_seconds"] = time.perf_counter() - t_start

@@ -16,7 +16,7 @@ from megatron_hbp.configio import ConfigError, from_dict, load_yaml
 
 PACKERS = ("isf", "bfd")
 BALANCERS = ("none", "sort", "lpt")
-LAST_STEP_POLICIES = ("drop", "pad", "shrink")
+LAST_STEP_POLICIES = ("shrink", "pad", "drop")
 TOO_LONG_POLICIES = ("drop", "error")
 
 
@@ -87,10 +87,11 @@ class PlanConfig:
     """The first K steps draw only from groups with pack_length <= curriculum_max_pack_length."""
     curriculum_max_pack_length: int | None = None
     """Largest pack_length allowed during the curriculum (default: the smallest group's)."""
-    last_step: str = "drop"
-    """Leftover packs of a group that do not fill a step: 'drop' (samples listed as dropped),
-    'pad' (one more step filled with empty packs), 'shrink' (one more step with fewer micro-batches;
-    the < replicas remaining packs are dropped)."""
+    last_step: str = "shrink"
+    """Leftover packs of a group that do not fill a step: 'shrink' (one more step with
+    ceil(leftover / replicas) micro-batches, the missing packs empty: nothing dropped), 'pad' (one
+    more full step filled with empty packs), 'drop' (leftover packs chosen at random per epoch,
+    their samples listed as dropped; a group with samples still gets at least one step)."""
     too_long: str = "drop"
     """Samples longer than the largest group: 'drop' (listed with a reason) or 'error'."""
     epochs: int = 1
@@ -182,6 +183,8 @@ class PlanConfig:
             )
         if self.epochs < 1:
             raise ConfigError(f"plan config: epochs must be >= 1, got {self.epochs}")
+        if self.seed < 0:
+            raise ConfigError(f"plan config: seed must be >= 0 (a numpy seed), got {self.seed}")
 
     def replicas(self, g: int) -> int:
         """Data-parallel replicas of group ``g`` (world_size / cp)."""

@@ -35,8 +35,8 @@ from megatron_hbp.planner.packing import cp_padded
 PLAN_FORMAT = "megatron-hbp-plan"
 PLAN_VERSION = 1
 DROP_REASONS = ("too_long", "partial_step")
-"""too_long: longer than the largest group's pack_length; partial_step: in the leftover packs of a
-group that did not fill a whole step (policy last_step=drop/shrink)."""
+"""too_long: longer than the largest group's pack_length; partial_step: in a leftover pack of a
+group that did not fill a whole step, chosen at random (policy last_step=drop)."""
 
 ARRAY_KEYS = (
     "samples",

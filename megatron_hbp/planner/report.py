@@ -42,6 +42,7 @@ def build_report(plan: Plan, *, cp_balance: bool = True) -> dict:
     rep["balance"] = balance_summary(plan)
     gf = plan.stats.get("greedy_fill_samples")
     rep["greedy_fill_samples"] = gf
+    rep["drops"] = plan.stats.get("drops")
     rep["fingerprint"] = plan.fingerprint
     rep["config"] = to_dict(plan.config)
     return rep
@@ -64,6 +65,16 @@ def report_markdown(rep: dict, title: str = "Plan report") -> str:
         f"dropped {rep['num_dropped']} ({', '.join(f'{k}: {v}' for k, v in rep['dropped_by_reason'].items())}); "
         f"planned in {_f(rep.get('plan_seconds'), 2)} s."
     )
+    drops = rep.get("drops")
+    if drops and rep["num_dropped"]:
+        lines += [
+            "",
+            "Dropped samples by length (tokens: dropped / planned sample-epochs): "
+            + ", ".join(f"{k}: {v[0]}/{v[1]}" for k, v in drops["by_length"].items() if v[0])
+            + ".",
+        ]
+    if drops and drops.get("warning"):
+        lines += ["", f"**{drops['warning']}**"]
     lines += [
         "",
         "| group | pack_length | cp | recompute | steps | packs | samples | token share | PR | DBR | ABR | CR | ave_tokens | slot ABR |",
