@@ -16,6 +16,13 @@ def test_rank_attention_pairs_cp1_and_zigzag_cp2():
     # two micro-batches add up
     two = [SimpleNamespace(lengths=[3], cp=1, cp_rank=0), SimpleNamespace(lengths=[4], cp=1, cp_rank=0)]
     assert rank_attention_pairs(two) == 16
+    # Ulysses: every rank of a cp 2 group runs whole documents on half the heads: 36 / 2 pairs
+    # (lengths 5 and 3: 15 + 6 = 21 -> 10.5 whatever the rank), in all-head units
+    for rank in (0, 1):
+        assert rank_attention_pairs([SimpleNamespace(lengths=[8], cp=2, cp_rank=rank)], "ulysses") == 18
+        assert rank_attention_pairs([SimpleNamespace(lengths=[5, 3], cp=2, cp_rank=rank)], "ulysses") == 10.5
+    # cp 1 steps are the same whatever the CP backend
+    assert rank_attention_pairs([SimpleNamespace(lengths=[3, 4], cp=1, cp_rank=0)], "ulysses") == 16
 
 
 def test_model_flops_attention_and_dense_terms():

@@ -170,21 +170,22 @@ class _SeqToHead(torch.autograd.Function):
             [q.reshape(t, c, hq_r * d), ks.reshape(t, c, m * d), vs.reshape(t, c, m * d)], dim=2
         ).transpose(0, 1)
         recv = _all_to_all(send.contiguous(), group)  # [c (source rank), t, W]
-        g = recv[lay.src, lay.row]  # [T, W] in global (document) order
-        qg, kg, vg = g.split([hq_r * d, m * d, m * d], dim=1)
+        # gather each part in global (document) order straight into its own contiguous tensor
+        rq, rk, rv = recv.split([hq_r * d, m * d, m * d], dim=2)
         return (
-            qg.reshape(-1, hq_r, d).contiguous(),
-            kg.reshape(-1, m, d).contiguous(),
-            vg.reshape(-1, m, d).contiguous(),
+            rq[lay.src, lay.row].view(-1, hq_r, d),
+            rk[lay.src, lay.row].view(-1, m, d),
+            rv[lay.src, lay.row].view(-1, m, d),
         )
 
     @staticmethod
     def backward(ctx, dqg, dkg, dvg):
         group, c, t, hq, hkv, d, hq_r, m, kv_index, lay = ctx.meta
         T = dqg.shape[0]
-        g = torch.cat([dqg.reshape(T, -1), dkg.reshape(T, -1), dvg.reshape(T, -1)], dim=1)
-        recv = g.new_empty((c, t, g.shape[1]))
-        recv[lay.src, lay.row] = g  # a permutation: every slot written once
+        recv = dqg.new_empty((c, t, (hq_r + 2 * m) * d))
+        rq, rk, rv = recv.split([hq_r * d, m * d, m * d], dim=2)
+        for part, grad in ((rq, dqg), (rk, dkg), (rv, dvg)):  # a permutation: every slot written once
+            part[lay.src, lay.row] = grad.reshape(T, -1)
         send = _all_to_all(recv, group).transpose(0, 1)  # [t, c (destination rank), W]
         dq, dk_sel, dv_sel = send.split([hq_r * d, m * d, m * d], dim=2)
         dq = dq.reshape(t, hq, d)

@@ -24,14 +24,18 @@ from megatron_hbp.kernels import attention_cost, attention_pairs_to_flops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0}
 
 
-def rank_attention_pairs(batches) -> int:
-    """Causal (query, key) pairs this rank computes for its micro-batches of one step
-    (``megatron_hbp.kernels.attention_cost``: exact per zigzag CP rank)."""
-    total = 0
+def rank_attention_pairs(batches, cp_impl: str = "allgather") -> float:
+    """Causal (query, key) pairs this rank computes for its micro-batches of one step, in units of
+    all heads (``megatron_hbp.kernels.attention_cost``): exact per zigzag CP rank for the all-gather
+    scheme; for Ulysses (every rank: whole documents on H / c heads) the pack's total / c."""
+    total = 0.0
     for b in batches:
         lengths = torch.tensor(b.lengths, dtype=torch.int64)
         offsets = torch.tensor([0, len(b.lengths)], dtype=torch.int64)
-        total += int(attention_cost(lengths, offsets, b.cp, backend="torch")[0, b.cp_rank])
+        if b.cp > 1 and cp_impl == "ulysses":
+            total += int(attention_cost(lengths, offsets, 1, backend="torch")[0, 0]) / b.cp
+        else:
+            total += int(attention_cost(lengths, offsets, b.cp, backend="torch")[0, b.cp_rank])
     return total
 
 

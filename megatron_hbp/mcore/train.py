@@ -856,7 +856,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         dt = time.perf_counter() - t0
 
         local_loss_tokens = sum(b.local_loss_tokens for b in host_batches)
-        pairs = rank_attention_pairs(host_batches)
+        pairs = rank_attention_pairs(host_batches, prep.cp_impl)
         stats = torch.tensor([local_loss_tokens, pairs], dtype=torch.float64, device=device)
         gathered = [torch.zeros_like(stats) for _ in range(world)]
         torch.distributed.all_gather(gathered, stats)
@@ -875,7 +875,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
                 f"plan step {s}: Megatron's all-reduced token count {denom} differs from the plan's "
                 f"{int(step.loss_tokens)}"
             )
-        pairs_per_rank = [int(x[1]) for x in gathered_unique(gathered, tp, pp)]
+        pairs_per_rank = [float(x[1]) for x in gathered_unique(gathered, tp, pp)]
         mean_pairs = float(np.mean(pairs_per_rank)) if pairs_per_rank else 0.0
         tokens = int(step.num_tokens)
         comm = 0
