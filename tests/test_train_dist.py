@@ -101,14 +101,20 @@ def work(tmp_path_factory):
     (w / "bad_missing").mkdir()
     write_chat_jsonl(w / "bad_missing" / "data.jsonl", 48)
     preprocess(
-        w / "bad_missing" / "data.jsonl", w / "bad_missing" / "info.npz", template="llama3", progress=False,
+        w / "bad_missing" / "data.jsonl",
+        w / "bad_missing" / "info.npz",
+        template="llama3",
+        progress=False,
         tokens=False,  # the JSONL path: token files would make the data file unneeded
     )
     (w / "bad_missing" / "data.jsonl").unlink()
     (w / "bad_changed").mkdir()
     write_chat_jsonl(w / "bad_changed" / "data.jsonl", 48)
     preprocess(
-        w / "bad_changed" / "data.jsonl", w / "bad_changed" / "info.npz", template="llama3", progress=False,
+        w / "bad_changed" / "data.jsonl",
+        w / "bad_changed" / "info.npz",
+        template="llama3",
+        progress=False,
         tokens=False,  # the JSONL path: token files would make the data file unneeded
     )
     binfo = load_sample_info(w / "bad_changed" / "info.npz")

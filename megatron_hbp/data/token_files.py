@@ -53,6 +53,7 @@ __all__ = [
     "stale_reason",
     "open_sft_dataset",
     "chunk_tokens",
+    "read_indexed",
 ]
 
 TOKEN_FORMAT = "megatron-hbp token files 1"
@@ -141,6 +142,8 @@ class IdxInfo:
     dtype: np.dtype
     lengths: np.ndarray
     pointers: np.ndarray
+    document_indices: np.ndarray | None = None
+    """int64 [D]: the first sequence of each document, then the sequence count."""
 
     @property
     def bin_bytes(self) -> int:
@@ -177,7 +180,8 @@ def read_idx(path: str | os.PathLike) -> IdxInfo:
             raise TokenFileError(
                 f"{path}: sequence pointers do not follow the lengths (not written contiguously)"
             )
-    return IdxInfo(path, dt, lengths, pointers)
+    docs = np.frombuffer(buf, "<i8", d, _HEAD + 12 * n)
+    return IdxInfo(path, dt, lengths, pointers, docs)
 
 
 def chunk_tokens(
@@ -383,6 +387,79 @@ def check_token_files(info: SampleInfo, *, hash_idx: bool = True) -> TokenPaths 
                 f"({'truncated' if size < idx.bin_bytes else 'extra bytes'}); {fix}"
             )
     return paths
+
+
+def _prefix(spec: str | os.PathLike) -> str:
+    p = str(spec)
+    return p[:-4] if p.endswith((".idx", ".bin")) else p
+
+
+def read_indexed(
+    prefix: str | os.PathLike, loss_mask: str | os.PathLike | None = None, *, block: int = 1 << 24
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-document ``(lengths, loss_tokens)`` (int64) of an existing Megatron IndexedDataset
+    ``prefix`` (``.idx``/``.bin``; a trailing ``.idx``/``.bin`` is ignored), for planning.
+
+    A document is one sample: its length is the sum of its sequences' lengths (one sequence per
+    document unless the data was split into sentences). Every token is a loss token, unless
+    ``loss_mask`` names a second IndexedDataset with the same sequence lengths whose nonzero
+    elements mark the loss tokens (its ``.bin`` is read once, ``block`` elements at a time).
+    :class:`TokenFileError` naming the file when a prefix does not exist or does not fit.
+    """
+    prefix = _prefix(prefix)
+    hint = "pass the IndexedDataset prefix (PATH for PATH.idx + PATH.bin)"
+    for ext in (".idx", ".bin"):
+        if not os.path.isfile(prefix + ext):
+            raise TokenFileError(f"IndexedDataset {prefix}: {prefix + ext} does not exist; {hint}")
+    idx = read_idx(prefix + ".idx")
+    size = os.path.getsize(prefix + ".bin")
+    if size < idx.bin_bytes:
+        raise TokenFileError(f"{prefix}.bin has {size} bytes, its index needs {idx.bin_bytes} (truncated)")
+    seq = idx.lengths.astype(np.int64)
+    docs = idx.document_indices
+    if docs is None or docs.size < 1 or docs[0] != 0 or docs[-1] != seq.size or (np.diff(docs) < 0).any():
+        raise TokenFileError(f"{idx.path}: document indices are not 0 .. {seq.size} in order")
+    cum = np.concatenate([[0], np.cumsum(seq)])
+    lengths = cum[docs[1:]] - cum[docs[:-1]]
+    if loss_mask is None:
+        return lengths, lengths.copy()
+    mprefix = _prefix(loss_mask)
+    for ext in (".idx", ".bin"):
+        if not os.path.isfile(mprefix + ext):
+            raise TokenFileError(
+                f"loss-mask IndexedDataset {mprefix}: {mprefix + ext} does not exist; {hint}"
+            )
+    midx = read_idx(mprefix + ".idx")
+    if midx.lengths.size != seq.size or not np.array_equal(midx.lengths, idx.lengths):
+        raise TokenFileError(
+            f"loss mask {midx.path} has {midx.lengths.size} sequences of other lengths than the "
+            f"{seq.size} of {idx.path}; pass the loss mask written with these tokens"
+        )
+    msize = os.path.getsize(mprefix + ".bin")
+    if msize < midx.bin_bytes:
+        raise TokenFileError(f"{mprefix}.bin has {msize} bytes, its index needs {midx.bin_bytes} (truncated)")
+    total = int(cum[-1])
+    # loss tokens per document = differences of the running count of nonzero mask elements at
+    # the document boundaries; counted block by block so memory stays bounded
+    bounds = cum[docs]
+    out = np.zeros(bounds.size, np.int64)
+    mm = (
+        np.memmap(mprefix + ".bin", dtype=midx.dtype.newbyteorder("<"), mode="r", shape=(total,))
+        if total
+        else None
+    )
+    running = 0
+    j = 0  # next boundary to fill
+    for a in range(0, total, block):
+        b = min(a + block, total)
+        c = np.cumsum(np.asarray(mm[a:b]) != 0, dtype=np.int64)
+        k = int(np.searchsorted(bounds, b, side="right"))
+        sel = bounds[j:k]
+        out[j:k] = running + np.where(sel > a, c[np.maximum(sel - a - 1, 0)], 0)
+        running += int(c[-1])
+        j = k
+    out[j:] = running
+    return lengths, np.diff(out)
 
 
 class TokenDataset:
