@@ -61,6 +61,8 @@ def test_demo_end_to_end(tmp_path):
     out = proc.stdout
     assert "Plan report" in out and "| group | pack_length | cp |" in out
     assert "CP degrees [1, 2]" in out
+    # the trainer built the token files with the sample info and reads them (no tokenizer)
+    assert f"[hbp] samples from {tmp_path / 'sample_info.tokens.bin'} (mmap)" in out, out[-3000:]
     # the trainer built the same plan as predicted, so first_cp2 is its first CP-2 step
     built = load_plan(tmp_path / "plan")
     assert np.array_equal(built.arrays["step_group"], predicted.arrays["step_group"])

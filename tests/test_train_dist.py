@@ -88,6 +88,8 @@ def work(tmp_path_factory):
     write_chat_jsonl(w / "data.jsonl", 48)
     preprocess(w / "data.jsonl", w / "info.npz", template="llama3", progress=False)
     info = load_sample_info(w / "info.npz")
+    # the same sample info without token files: the trainer's JSONL path (same fingerprint)
+    preprocess(w / "data.jsonl", w / "info_jsonl.npz", template="llama3", progress=False, tokens=False)
     cfg = PlanConfig(groups=[GroupConfig(pack_length=256)], world_size=2, micro_batches_per_step=2, seed=0)
     plan = build_plan(info.lengths, info.loss_tokens, cfg, fingerprint=info.fingerprint)
     plan.save(w / "plan_w2.npz")
@@ -101,13 +103,21 @@ def work(tmp_path_factory):
     (w / "bad_missing").mkdir()
     write_chat_jsonl(w / "bad_missing" / "data.jsonl", 48)
     preprocess(
-        w / "bad_missing" / "data.jsonl", w / "bad_missing" / "info.npz", template="llama3", progress=False
+        w / "bad_missing" / "data.jsonl",
+        w / "bad_missing" / "info.npz",
+        template="llama3",
+        progress=False,
+        tokens=False,  # the JSONL path: token files would make the data file unneeded
     )
     (w / "bad_missing" / "data.jsonl").unlink()
     (w / "bad_changed").mkdir()
     write_chat_jsonl(w / "bad_changed" / "data.jsonl", 48)
     preprocess(
-        w / "bad_changed" / "data.jsonl", w / "bad_changed" / "info.npz", template="llama3", progress=False
+        w / "bad_changed" / "data.jsonl",
+        w / "bad_changed" / "info.npz",
+        template="llama3",
+        progress=False,
+        tokens=False,  # the JSONL path: token files would make the data file unneeded
     )
     binfo = load_sample_info(w / "bad_changed" / "info.npz")
     build_plan(binfo.lengths, binfo.loss_tokens, cfg, fingerprint=binfo.fingerprint).save(
@@ -121,7 +131,7 @@ def work(tmp_path_factory):
     other[3] += 1
     build_plan(other, info.loss_tokens, cfg).save(w / "plan_lengths_other.npz")
 
-    _launch([sys.executable, str(WORKER), str(w), "single", "rerun"], timeout=600)
+    _launch([sys.executable, str(WORKER), str(w), "single", "rerun", "token_files"], timeout=600)
     _launch(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), str(w),
          "stable2", "resume", "resume_distopt", "tp2", "bad"],
@@ -246,6 +256,14 @@ def test_bad_input_fails_before_training(work, case, needle):
     assert r["raised"], case
     assert r["type"] == "TrainSetupError", r
     assert needle in r["message"], r["message"]
+
+
+def test_token_files_and_jsonl_train_bitwise_equal(work):
+    """Training from the token files (mmap) and from the JSONL gives bitwise the same run."""
+    r = _result(work, "token_files")
+    assert r["token_files"] == [True, False]  # info.npz has token files, info_jsonl.npz has none
+    assert len(r["losses_tokens"]) == 2 and r["losses_tokens"] == r["losses_jsonl"], r
+    assert r["grads_compared"] > 10 and r["grads_equal"], r
 
 
 def test_plan_copy_is_same_packs(work):

@@ -177,6 +177,26 @@ def scenario_single(work: Path, rank: int) -> dict:
     }
 
 
+def scenario_token_files(work: Path, rank: int) -> dict:
+    """The same 2 steps trained from the token files (info.npz) and from the JSONL (info_jsonl.npz:
+    the same sample info, built with tokens=False): losses and gradients must be bitwise equal."""
+    import torch
+
+    from megatron_hbp.mcore.train import run
+
+    out, grads = {}, {}
+    for name, info in (("tokens", "info.npz"), ("jsonl", "info_jsonl.npz")):
+        cfg = _cfg(work, "plan_w1.npz", max_steps=2)
+        cfg = replace(cfg, data=replace(cfg.data, sample_info=str(work / info)))
+        grads[name] = {}
+        out[f"losses_{name}"] = [r["loss"] for r in run(cfg, on_grads=_grab_grads(grads[name]))]
+    g1, g2 = grads["tokens"], grads["jsonl"]
+    out["grads_compared"] = sum(len(g1[s]) for s in (0, 1))
+    out["grads_equal"] = all(torch.equal(g1[s][k], g2[s][k]) for s in (0, 1) for k in g1[s])
+    out["token_files"] = [(work / f).exists() for f in ("info.tokens.json", "info_jsonl.tokens.json")]
+    return out
+
+
 def scenario_rerun(work: Path, rank: int) -> dict:
     """Two run()s in one process with Python's automatic collector off: the first run's model
     must be gone once the second has run (run() frees an earlier run's cyclic garbage)."""
@@ -302,6 +322,7 @@ def scenario_bad(work: Path, rank: int) -> dict:
 
 SCENARIOS = {
     "rerun": scenario_rerun,
+    "token_files": scenario_token_files,
     "single": scenario_single,
     "stable2": scenario_stable2,
     "resume": scenario_resume,

@@ -7,6 +7,7 @@ Examples:
   python tools/plan.py --lengths cache/tulu3_longcite.npy --config configs/plan_hbp_16k_128k.yaml --output runs/hbp --plot
   python tools/plan.py --lengths cache/tulu3_longcite.npy --compare configs/plan_isf_128k.yaml configs/plan_hbp_16k_128k.yaml
   python tools/plan.py --lengths x.npy --config configs/plan_hbp_16k_128k.yaml --dry-run
+  python tools/plan.py --indexed data/my_megatron_text_document --config configs/plan_hbp_16k_128k.yaml --output runs/p
   python tools/plan.py --lengths x.npy --compare configs/plan_hbp_16k_128k.yaml:balance=none,name=no_bal ...
 
 A config may carry overrides after a colon: PATH:key=value,key=value (YAML values); the special
@@ -45,6 +46,17 @@ def _args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--sample-info", type=Path, help="sample-info .npz (lengths, loss_tokens, fingerprint)")
     src.add_argument("--lengths", type=Path, help=".npy of per-sample lengths (loss tokens = lengths)")
+    src.add_argument(
+        "--indexed",
+        metavar="PREFIX",
+        help="an existing Megatron IndexedDataset (PREFIX.idx/.bin): one sample per document, lengths "
+        "from the .idx; every token a loss token unless --loss-mask is given",
+    )
+    p.add_argument(
+        "--loss-mask",
+        metavar="PREFIX",
+        help="with --indexed: IndexedDataset of the loss mask (nonzero = loss)",
+    )
     p.add_argument(
         "--config", type=str, help="plan YAML (configs/plan_*.yaml), optionally PATH:key=value,..."
     )
@@ -58,6 +70,8 @@ def _args(argv=None):
     )
     p.add_argument("--json", action="store_true", help="print report.json instead of the markdown report")
     a = p.parse_args(argv)
+    if a.loss_mask and not a.indexed:
+        p.error("--loss-mask goes with --indexed PREFIX")
     if not a.compare and not a.config:
         p.error("--config is required (or use --compare CFG...)")
     if not a.compare and not a.dry_run and not a.output:
@@ -94,6 +108,11 @@ def main(argv=None) -> int:
     try:
         if a.sample_info:
             lengths, loss, fp = read_sample_info(a.sample_info)
+        elif a.indexed:
+            from megatron_hbp.data.token_files import read_indexed
+
+            lengths, loss = read_indexed(a.indexed, a.loss_mask)
+            fp = None
         else:
             lengths = read_lengths(a.lengths)
             loss, fp = None, None

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--content-hash", action="store_true", help="fingerprint files by SHA-256 instead of mtime"
     )
     p.add_argument("--force", action="store_true", help="recompute even when the cached output matches")
+    p.add_argument(
+        "--no-tokens",
+        action="store_true",
+        help="write the sample info only (lengths), not the token files (NAME.tokens.bin/.idx, "
+        "NAME.loss_mask.bin/.idx, NAME.tokens.json) the trainer reads by mmap",
+    )
     p.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     return p
 
@@ -93,6 +99,7 @@ def main(argv=None) -> int:
             force=args.force,
             progress=False if args.no_progress else None,
             chunk_bytes=args.chunk_bytes,
+            tokens=not args.no_tokens,
         )
     except (DataError, TokenizerError, WorkerError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_hbp.data import token_files
 from megatron_hbp.data.formats import Chunk, DataError, LineError, iter_chunks, parse_line, resolve_data_paths
 from megatron_hbp.data.sample_info import (
     SKIPPED_DTYPE,
@@ -74,6 +75,7 @@ class _ChunkResult:
     errors: list  # [(line, kind-prefixed reason)] bad input
     dropped: list  # [(line, reason)] over-long samples dropped
     blank: int
+    tokens: tuple | None = None  # (ids int64, loss mask uint8) of the kept samples (token files)
 
 
 def truncated_loss_tokens(piece_lens: np.ndarray, piece_mask: np.ndarray, max_length: int) -> int:
@@ -100,7 +102,11 @@ def _error_kind(message: str) -> str:
 
 
 def _process_chunk(
-    chunk: Chunk, compiled: CompiledTemplate, max_length: int | None, truncate: bool
+    chunk: Chunk,
+    compiled: CompiledTemplate,
+    max_length: int | None,
+    truncate: bool,
+    with_tokens: bool = False,
 ) -> _ChunkResult:
     lines = chunk.data.split(b"\n")
     if lines and not lines[-1]:
@@ -115,6 +121,7 @@ def _process_chunk(
     piece_len: list[int] = []
     piece_mask: list[int] = []
     piece_sample: list[int] = []
+    piece_items: list = []  # token id or text of every piece (token files)
     kept: list[int] = []
     crcs: list[int] = []
     errors = []
@@ -137,11 +144,13 @@ def _process_chunk(
             if isinstance(x, str):
                 text_pos.append(len(piece_len))
                 texts.append(x)
+            piece_items.append(x)
             piece_len.append(1)
             piece_mask.append(m)
             piece_sample.append(k)
 
     plen = np.asarray(piece_len, np.int64)
+    encoded = []
     if texts:
         encoded = compiled.tokenizer.encode_batch(texts)
         plen[np.asarray(text_pos, np.int64)] = np.fromiter(map(len, encoded), np.int64, len(encoded))
@@ -171,6 +180,11 @@ def _process_chunk(
                 )
                 continue
             lengths[k], loss[k], truncated[k] = max_length, new_loss, True
+    tokens = (
+        token_files.chunk_tokens(piece_items, encoded, plen, pmask, psample, lengths, keep)
+        if with_tokens
+        else None
+    )
     return _ChunkResult(
         source=chunk.source,
         raw_pos=chunk.raw_pos,
@@ -183,18 +197,21 @@ def _process_chunk(
         errors=errors,
         dropped=dropped,
         blank=blank,
+        tokens=tokens,
     )
 
 
 _WORKER: tuple | None = None
 
 
-def _init_worker(tokenizer_path: str, template: str, max_length: int | None, truncate: bool) -> None:
+def _init_worker(
+    tokenizer_path: str, template: str, max_length: int | None, truncate: bool, with_tokens: bool = False
+) -> None:
     global _WORKER
     # One thread per worker: --workers is the only parallelism (HF tokenizers would spawn threads).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = load_tokenizer(tokenizer_path)
-    _WORKER = (CompiledTemplate(template, tok, log_fallback=False), max_length, truncate)
+    _WORKER = (CompiledTemplate(template, tok, log_fallback=False), max_length, truncate, with_tokens)
 
 
 def _work(chunk: Chunk) -> _ChunkResult:
@@ -279,6 +296,7 @@ def preprocess(
     force: bool = False,
     progress: bool | None = None,
     chunk_bytes: int = 1 << 20,
+    tokens: bool = True,
 ) -> PreprocessResult:
     """Compute and save the sample info of ``data`` (files, directories or globs) to ``output``.
 
@@ -290,7 +308,9 @@ def preprocess(
     or corrupt ``.gz`` file raises :class:`DataError` naming its last complete line, or with
     ``"skip"`` keeps every complete line before the damage and records the cut (kind
     ``truncated_file``, logged as a warning). A worker process that dies raises
-    :class:`WorkerError`. ``progress``: ``None`` shows a bar only on a terminal.
+    :class:`WorkerError`. ``progress``: ``None`` shows a bar only on a terminal. ``tokens``: also
+    write the token ids and loss masks (:mod:`megatron_hbp.data.token_files`); ``False`` writes
+    the sample info only (and removes stale token files).
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -319,10 +339,13 @@ def preprocess(
         except (ValueError, OSError) as e:
             changes = [f"existing {output} is unreadable ({e})"]
         else:
-            if old.fingerprint == fp and not force:
+            stale = token_files.stale_reason(old) if tokens else None
+            if old.fingerprint == fp and not force and stale is None:
                 return PreprocessResult(old, reused=True)
             changes = (
-                ["--force"] if old.fingerprint == fp else describe_changes(old.fingerprint_inputs, inputs)
+                ([stale] if stale else ["--force"])
+                if old.fingerprint == fp
+                else describe_changes(old.fingerprint_inputs, inputs)
             )
 
     truncate = overflow == "truncate"
@@ -333,19 +356,23 @@ def preprocess(
     parts: list[_ChunkResult] = []
     cuts: list[tuple[int, int, str]] = []  # (source, first incomplete line, message): truncated .gz
     n_samples = 0
+    writer = token_files.TokenWriter(output, tok.vocab_size) if tokens else None
     bar = _progress_bar(total_bytes, progress)
     try:
         chunks = iter_chunks(
             files, chunk_bytes, on_truncated=None if on_error == "raise" else lambda *c: cuts.append(c)
         )
         if workers == 1:
-            results = (_process_chunk(c, compiled, max_length, truncate) for c in chunks)
+            results = (_process_chunk(c, compiled, max_length, truncate, tokens) for c in chunks)
         else:  # a generator: closed in ``finally``
-            results = _parallel(chunks, workers, (tok_path, template, max_length, truncate))
+            results = _parallel(chunks, workers, (tok_path, template, max_length, truncate, tokens))
         for r in results:
             if r.errors and on_error == "raise":
                 line, reason = r.errors[0]
                 raise DataError(files[r.source], line, reason.split(": ", 1)[1])
+            if writer is not None:
+                writer.add(*r.tokens)
+                r.tokens = None
             parts.append(r)
             n_samples += len(r.lengths)
             bar.update(before[r.source] + r.raw_pos - bar.n)
@@ -353,6 +380,10 @@ def preprocess(
             bar.set_postfix_str(
                 f"{n_samples} samples, {n_samples / max(elapsed, 1e-9):.0f} samples/s", refresh=False
             )
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     finally:
         bar.close()
         if workers > 1:
@@ -410,7 +441,15 @@ def preprocess(
         stats=stats,
         path=str(output),
     )
-    save_sample_info(info, output)
+    if writer is not None:
+        info.stats["disk_bytes"] = writer.finish(info.lengths, fp)
+    else:
+        token_files.remove_token_files(output)
+    try:
+        save_sample_info(info, output)
+    except BaseException:
+        token_files.remove_token_files(output)  # no sample info, no token files
+        raise
     log.debug("wrote %s (%d samples) in %.2fs", output, len(info), seconds)
     return PreprocessResult(info, reused=False, changes=changes, seconds=seconds)
 

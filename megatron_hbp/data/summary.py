@@ -85,7 +85,32 @@ def format_summary(info: SampleInfo, *, width: int = 40) -> str:
             f"  computed in {secs:.2f}s with {s.get('workers', 1)} worker(s): "
             f"{L.size / secs:,.0f} samples/s, {int(L.sum()) / secs:,.0f} tokens/s"
         )
+    out += _disk_lines(info)
     return "\n".join(out)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _disk_lines(info: SampleInfo) -> list[str]:
+    """Bytes on disk: the sample info and, when written, the token files (``stats['disk_bytes']``)."""
+    disk = info.stats.get("disk_bytes") or {}
+    own = os.path.getsize(info.path) if info.path and os.path.isfile(info.path) else None
+    if not disk and own is None:
+        return []
+    parts = [f"sample info {_mb(own)}"] if own is not None else []
+    if disk:
+        n = max(int(info.stats.get("tokens", 0)), 1)
+        tok = disk.get("token_bin", 0) + disk.get("token_idx", 0)
+        mask = disk.get("loss_mask_bin", 0) + disk.get("loss_mask_idx", 0)
+        parts.append(f"token ids {_mb(tok)} ({disk.get('token_bin', 0) / n:.0f} B/token)")
+        parts.append(f"loss mask {_mb(mask)}")
+        total = tok + mask + (own or 0)
+        parts.append(f"total {_mb(total)}")
+    else:
+        parts.append("no token files (--no-tokens)")
+    return ["  disk: " + ", ".join(parts)]
 
 
 def plot_histogram(info: SampleInfo, path: str | os.PathLike) -> None:

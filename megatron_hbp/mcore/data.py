@@ -2,8 +2,9 @@
 
 The rank's place in the data x context dimension (``dp_rank``) and the step's CP degree
 ``c`` give its replica ``dp_rank // c`` and CP rank ``dp_rank % c`` (replica r = ranks
-[r·c, (r+1)·c), the plan contract). Samples are read by index from ``SFTDataset`` (random
-access by stored byte offset) and turned into packed, CP-sharded micro-batches in
+[r·c, (r+1)·c), the plan contract). Samples are read by index from the token files by mmap
+(``TokenDataset``) or, without token files, from the JSONL (``SFTDataset``: random access by
+stored byte offset, tokenised on access) and turned into packed, CP-sharded micro-batches in
 background worker processes (``torch.utils.data.DataLoader`` with workers), so the
 training loop only moves ready tensors to the device.
 """

@@ -516,7 +516,13 @@ def preflight(cfg: TrainConfig, world: int, rank: int) -> Prepared:
     from megatron_hbp.data import load_sample_info
 
     info = load_sample_info(cfg.data.sample_info)
-    for f in info.files:
+    from megatron_hbp.data.token_files import TokenFileError, check_token_files
+
+    try:  # token files, when there are any, must match the sample info; then no JSONL is read
+        has_tokens = check_token_files(info) is not None
+    except TokenFileError as e:
+        raise TrainSetupError(str(e)) from None
+    for f in [] if has_tokens else info.files:
         if not Path(f).exists():
             raise TrainSetupError(
                 f"data file {f} listed in {cfg.data.sample_info} does not exist; restore it or rebuild the sample info"
@@ -710,7 +716,7 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_hbp.data import SFTDataset
+    from megatron_hbp.data.token_files import open_sft_dataset
     from megatron_hbp.mcore import checkpoint as ckpt
     from megatron_hbp.mcore.batch import to_model_inputs
     from megatron_hbp.mcore.data import make_loader, rank_work_items
@@ -814,9 +820,15 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             print(f"[hbp] resumed from {cfg.checkpoint.load}: next plan step {start}", flush=True)
     end = plan.num_steps if cfg.max_steps is None else min(plan.num_steps, cfg.max_steps)
 
-    dataset = SFTDataset(
+    dataset = open_sft_dataset(  # token files by mmap when they exist, else the JSONL
         prep.sample_info if not isinstance(cfg.data.sample_info, str) else cfg.data.sample_info
     )
+    if rank == 0:
+        src = getattr(dataset, "paths", None)
+        print(
+            f"[hbp] samples from {src.tokens + '.bin (mmap)' if src else 'the JSONL (tokenised on access)'}",
+            flush=True,
+        )
     # The padding id never matters, so 0 is used: padding sits after a document's real tokens inside
     # its own (causal) span, so no real token attends to it; it is never a target (label 0, loss
     # weight 0), hence its logits, and the embedding row it reads, get exactly zero gradient; a
