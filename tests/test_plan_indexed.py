@@ -91,3 +91,22 @@ def test_cli_plans_an_indexed_dataset(tmp_path, capsys):
         == 2
     )
     assert "error: IndexedDataset" in capsys.readouterr().err
+
+
+def test_simulate_and_select_groups_read_an_indexed_dataset(tmp_path):
+    """tools/simulate.py and tools/select_groups.py share costmodel.cli's inputs: --indexed too."""
+    import argparse
+
+    from megatron_hbp.configio import ConfigError
+    from megatron_hbp.costmodel.cli import add_input_args, read_inputs
+
+    tok = _write(tmp_path / "d_text_document", DOCS, np.uint16)
+    mask = _write(tmp_path / "d_mask", MASK, np.uint8)
+    p = argparse.ArgumentParser()
+    add_input_args(p)
+    lengths, loss, desc = read_inputs(p.parse_args(["--indexed", tok, "--loss-mask", mask]))
+    assert lengths.tolist() == [5, 4, 3, 10] and loss.tolist() == [3, 1, 1, 10] and tok in desc
+    with pytest.raises(ConfigError, match=r"nope\.idx does not exist"):
+        read_inputs(p.parse_args(["--indexed", str(tmp_path / "nope")]))
+    with pytest.raises(ConfigError, match="--loss-mask goes with --indexed"):
+        read_inputs(p.parse_args(["--synth", "tulu3_longcite", "--loss-mask", mask]))

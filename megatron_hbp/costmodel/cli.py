@@ -29,6 +29,12 @@ def add_input_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument(
         "--synth", help="named synthetic distribution, e.g. tulu3_longcite (tools/synth_lengths.py)"
     )
+    src.add_argument(
+        "--indexed",
+        help="an existing Megatron IndexedDataset prefix (PATH for PATH.idx/.bin): one sample per "
+        "document, every token a loss token unless --loss-mask is given",
+    )
+    p.add_argument("--loss-mask", help="with --indexed: IndexedDataset of the loss mask (nonzero = loss)")
     p.add_argument("--scale", type=float, default=1.0, help="--synth: multiply the sample counts (default 1)")
     p.add_argument(
         "--seed", type=int, default=0, help="seed of synthetic data, plans and shuffles (default 0)"
@@ -66,11 +72,21 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 def read_inputs(a: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(lengths, loss_tokens or None, description)."""
+    if getattr(a, "loss_mask", None) and not getattr(a, "indexed", None):
+        raise ConfigError("--loss-mask goes with --indexed PREFIX")
     if a.synth:
         from megatron_hbp.planner.synth import synth_lengths
 
         lengths = synth_lengths(a.synth, a.seed, a.scale)
         return lengths, None, f"synthetic {a.synth} (scale {a.scale}, seed {a.seed})"
+    if getattr(a, "indexed", None):
+        from megatron_hbp.data.token_files import TokenFileError, read_indexed  # NumPy only
+
+        try:
+            lengths, loss = read_indexed(a.indexed, a.loss_mask)
+        except TokenFileError as e:
+            raise ConfigError(str(e)) from None
+        return lengths, loss, f"IndexedDataset {a.indexed}"
     if a.sample_info:
         from megatron_hbp.planner.io import read_sample_info
 
