@@ -32,6 +32,10 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 TMP_SUFFIX = ".tmp"
 
 
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint was made for another plan, model or parallel layout."""
+
+
 class CheckpointCorruptError(ValueError):
     """A step folder is unfinished, a file is missing, truncated, or its checksum differs."""
 

@@ -45,6 +45,7 @@ import torch
 
 from megatron_hbp.checkpoint_files import (
     CheckpointCorruptError,
+    CheckpointMismatchError,
     UnsafeCheckpointError,
     begin_step,
     commit_step,
@@ -66,10 +67,6 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint",
 ]
-
-
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint was made for another plan, model or parallel layout."""
 
 
 def plan_hash(plan) -> str:

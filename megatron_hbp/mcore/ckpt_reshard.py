@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_hbp.checkpoint_files import CheckpointMismatchError
 from megatron_hbp.convert.mapping import tensor_maps, to_hf, to_megatron
-from megatron_hbp.mcore.checkpoint import CheckpointMismatchError
 
 
 class ReshardError(CheckpointMismatchError):
