@@ -55,3 +55,15 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Tests set this to True (kernels/tests: an autouse fixture): every buffer a kernel must fully
+# write then starts as NaN, so an unwritten element shows up in the comparison.
+POISON_OUTPUTS = False
+
+
+def alloc_output(shape, dtype, device) -> torch.Tensor:
+    """An output buffer a kernel fully overwrites: ``torch.empty``, or NaN under ``POISON_OUTPUTS``."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -4,7 +4,7 @@ Fused linear forward/backward tiles (``tl.dot`` logits, online softmax state per
 and vocabulary split; ``dz`` per token and vocabulary chunk) and the logits forward/backward
 tiles, their launch configurations, and the launchers the autograd functions call. Every
 buffer a kernel must fully write comes from :func:`_alloc` (NaN-filled when the tests set
-``_POISON_OUTPUTS``).
+``kernels.utils.POISON_OUTPUTS``).
 """
 
 from __future__ import annotations
@@ -13,17 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import alloc_output as _alloc
 from ..utils import cdiv, is_interpreting, num_sms
-
-# Tests set this to True: every buffer a kernel must fully write starts as NaN.
-_POISON_OUTPUTS = False
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
 
 # ----------------------------------------------------------------------------- Triton
 

@@ -29,18 +29,11 @@ import triton
 import triton.language as tl
 
 from ..rounding import to_output
+from ..utils import alloc_output as _alloc
 from ..utils import cdiv, num_sms
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 65536
-# Tests set this to True: every buffer a kernel must fully write starts as NaN.
-_POISON_OUTPUTS = False
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit

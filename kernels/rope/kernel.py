@@ -18,16 +18,10 @@ import triton
 import triton.language as tl
 
 from ..rounding import to_output
+from ..utils import alloc_output as _alloc
 from ..utils import cdiv
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_POISON_OUTPUTS = False
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit

@@ -19,9 +19,9 @@ from megatron_hbp.kernels import (
     token_balanced_cross_entropy_from_logits_reference,
     token_balanced_cross_entropy_reference,
 )
+from megatron_hbp.kernels import utils as kernel_utils
 from megatron_hbp.kernels.cross_entropy import common as ce_common
 from megatron_hbp.kernels.cross_entropy import fused_linear as ce_module
-from megatron_hbp.kernels.cross_entropy import kernel as ce_kernel
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -40,7 +40,7 @@ BF16_ULP = 2.0**-8
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(ce_kernel, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernel_utils, "POISON_OUTPUTS", True)
 
 
 def make_case(T=70, H=48, V=300, dtype=torch.float32, seed=0, ignore_every=5, device="cpu"):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_hbp.kernels import RMSNorm, rms_norm, rms_norm_reference
+from megatron_hbp.kernels import utils as kernel_utils
 from megatron_hbp.kernels.rmsnorm import kernel as rms_kernel
 
 CUDA = torch.cuda.is_available()
@@ -21,7 +22,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(rms_kernel, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernel_utils, "POISON_OUTPUTS", True)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

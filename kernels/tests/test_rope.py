@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_hbp.kernels import rope, rope_qk, rope_reference
-from megatron_hbp.kernels.rope import kernel as rope_kernel
+from megatron_hbp.kernels import utils as kernel_utils
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -23,7 +23,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(rope_kernel, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernel_utils, "POISON_OUTPUTS", True)
 
 
 def rel_err(got, ref) -> float:

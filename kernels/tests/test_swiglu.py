@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_hbp.kernels import SwiGLU, swiglu, swiglu_reference
-from megatron_hbp.kernels.swiglu import kernel as swiglu_kernel
+from megatron_hbp.kernels import utils as kernel_utils
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -20,7 +20,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(swiglu_kernel, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernel_utils, "POISON_OUTPUTS", True)
 
 
 def rel_err(got, ref) -> float:
