@@ -7,7 +7,6 @@ The ``kill_*`` scenarios SIGKILL rank 1 on purpose, so their launch fails. Stdli
 module level.
 """
 
-import json
 import os
 import signal
 import sys
@@ -224,24 +223,10 @@ SCENARIOS = {
 
 
 def main(argv):
-    work = Path(argv[0])
-    from megatron_hbp.mcore.train import init_distributed
+    # run as a script from tests/: its sibling worker holds the scenario runner
+    from test_train_worker import run_scenarios
 
-    rank, _, _ = init_distributed()
-    for name in argv[1:]:
-        try:
-            result = SCENARIOS[name](work, rank)
-        except Exception as e:  # record and go on: other scenarios still report
-            import traceback
-
-            result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        if rank == 0:
-            (work / f"result_{name}.json").write_text(json.dumps(result, default=str))
-    import torch
-
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    run_scenarios(argv, SCENARIOS)
 
 
 if __name__ == "__main__":

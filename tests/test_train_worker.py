@@ -332,14 +332,16 @@ SCENARIOS = {
 }
 
 
-def main(argv):
+def run_scenarios(argv, scenarios: dict) -> None:
+    """argv: WORKDIR SCENARIO...: run each scenario on this rank, rank 0 writes
+    ``WORKDIR/result_<scenario>.json`` (an exception is recorded, the next scenario still runs)."""
     work = Path(argv[0])
     from megatron_hbp.mcore.train import init_distributed
 
     rank, _, _ = init_distributed()
     for name in argv[1:]:
         try:
-            result = SCENARIOS[name](work, rank)
+            result = scenarios[name](work, rank)
         except Exception as e:  # record and go on: other scenarios still report
             import traceback
 
@@ -351,6 +353,10 @@ def main(argv):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def main(argv):
+    run_scenarios(argv, SCENARIOS)
 
 
 if __name__ == "__main__":
