@@ -103,7 +103,7 @@ def test_cycle_finder_finds_a_cycle():
 def test_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     # function-level: the trainer imports the model builder inside a function
-    assert "megatron_hbp.mcore.model" in graph["megatron_hbp.mcore.train"]
+    assert "megatron_hbp.mcore.model" in graph["megatron_hbp.mcore.loop"]
     # relative, one folder per op
     assert (
         "megatron_hbp.kernels.cross_entropy.kernel"
