@@ -44,7 +44,7 @@ def refit(paths: list[str]) -> int:
     """Fit the cost model to the fitting rows of earlier runs (their ``pack_docs``); no GPU."""
     from megatron_hbp.costmodel import CalibrationPoint
     from megatron_hbp.costmodel.profiler import calibrate
-    from megatron_hbp.mcore.train import trainer_cost_model
+    from megatron_hbp.mcore.memory import trainer_cost_model
     from megatron_hbp.model_config import load_model_config
 
     runs = [json.loads(Path(x).read_text()) for x in paths]
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
 
     from megatron_hbp.costmodel import AnalyticProfiler, CalibrationPoint
     from megatron_hbp.costmodel.profiler import calibrate, calibration_settings, holdout_calibration
+    from megatron_hbp.mcore.memory import trainer_cost_model
     from megatron_hbp.mcore.profiler import MeasuredProfiler
-    from megatron_hbp.mcore.train import trainer_cost_model
     from megatron_hbp.model_config import load_model_config
     from megatron_hbp.planner.synth import synth_lengths
 

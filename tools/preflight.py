@@ -2,7 +2,7 @@
 """The trainer's memory pre-flight for a GPU launch, without launching anything (no GPU needed).
 
 Per plan group: the modelled peak memory of one GPU and its parts, the CP backend the trainer
-would run, and the verdict of the trainer's own rule (``megatron_hbp.mcore.train.memory_verdicts``):
+would run, and the verdict of the trainer's own rule (``megatron_hbp.mcore.memory.memory_verdicts``):
 ok; warning (only the estimated reserve for CUDA context / NCCL / fragmentation tips it over —
 the trainer launches and prints it); refused (the modelled tensors alone do not fit — the trainer
 stops before building the model; the line says the smallest recompute that fits).
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     from megatron_hbp.mcore.attention import _te_available, resolve_backend
     from megatron_hbp.mcore.config import load_train_config
     from megatron_hbp.mcore.cp_seam import resolve_cp_impl
-    from megatron_hbp.mcore.train import _rmsnorm_fused, memory_verdicts, trainer_cost_model
+    from megatron_hbp.mcore.memory import _rmsnorm_fused, memory_verdicts, trainer_cost_model
     from megatron_hbp.model_config import load_model_config
 
     try:

@@ -77,6 +77,67 @@ class PackedBatch:
         return int(sum(self.lengths))
 
 
+def _fill_documents(samples, padded_lengths: list[int], *, pad_id: int, filler_only: bool):
+    """``(tokens, labels, loss mask, positions, real lengths, loss tokens per document)`` of the
+    documents laid out one after the other, each in its padded span."""
+    total = sum(padded_lengths)
+    tokens = np.full(total, pad_id, dtype=np.int64)
+    labels = np.zeros(total, dtype=np.int64)
+    mask = np.zeros(total, dtype=np.float32)
+    positions = np.zeros(total, dtype=np.int64)
+    lengths = []
+    sample_loss = []
+    start = 0
+    for (ids, lmask), plen in zip(samples, padded_lengths):
+        ids = np.asarray(ids, dtype=np.int64)
+        lmask = np.asarray(lmask)
+        n = ids.shape[0]
+        if lmask.shape[0] != n:
+            raise ValueError(f"sample has {n} ids but a loss mask of {lmask.shape[0]}")
+        if plen < n:
+            raise ValueError(f"padded length {plen} is shorter than the document ({n} tokens)")
+        tokens[start : start + n] = ids
+        labels[start : start + n - 1] = ids[1:]
+        m = (lmask[1:] > 0).astype(np.float32) if not filler_only else np.zeros(max(n - 1, 0), np.float32)
+        mask[start : start + n - 1] = m
+        positions[start : start + plen] = np.arange(plen)
+        lengths.append(n if not filler_only else 0)
+        sample_loss.append(float(m.sum()))
+        start += plen
+    if filler_only:
+        lengths = [0]
+    return tokens, labels, mask, positions, lengths, sample_loss
+
+
+def _loss_weights(
+    mask, padded_lengths: list[int], sample_loss: list[float], loss_tokens: int, loss_normalization: str
+):
+    """Per-token loss weights ``[T] float32`` of ``loss_normalization``."""
+    weight = np.zeros(mask.shape[0], dtype=np.float32)
+    start = 0
+    for plen, n_loss in zip(padded_lengths, sample_loss):
+        sl = slice(start, start + plen)
+        if loss_normalization == "step_token_mean":
+            weight[sl] = mask[sl]
+        elif loss_normalization == "micro_batch_mean" and loss_tokens:
+            weight[sl] = mask[sl] / loss_tokens
+        elif loss_normalization == "sample_mean" and n_loss:
+            weight[sl] = mask[sl] / n_loss
+        start += plen
+    return weight
+
+
+def _denominator(
+    loss_normalization: str, local_loss: int, loss_tokens: int, sample_loss: list[float], cp_rank: int
+) -> int:
+    """This rank's share of the step's loss denominator (Megatron all-reduces the sum)."""
+    if loss_normalization == "step_token_mean":
+        return local_loss
+    if loss_normalization == "micro_batch_mean":
+        return int(loss_tokens > 0) if cp_rank == 0 else 0
+    return sum(1 for x in sample_loss if x > 0) if cp_rank == 0 else 0
+
+
 def build_packed_batch(
     samples: list[tuple[np.ndarray, np.ndarray]],
     padded_lengths: list[int] | np.ndarray,
@@ -116,45 +177,11 @@ def build_packed_batch(
     else:
         filler_only = False
 
-    total = sum(padded_lengths)
-    tokens = np.full(total, pad_id, dtype=np.int64)
-    labels = np.zeros(total, dtype=np.int64)
-    mask = np.zeros(total, dtype=np.float32)
-    weight = np.zeros(total, dtype=np.float32)
-    positions = np.zeros(total, dtype=np.int64)
-    lengths = []
-    sample_loss = []
-    start = 0
-    for (ids, lmask), plen in zip(samples, padded_lengths):
-        ids = np.asarray(ids, dtype=np.int64)
-        lmask = np.asarray(lmask)
-        n = ids.shape[0]
-        if lmask.shape[0] != n:
-            raise ValueError(f"sample has {n} ids but a loss mask of {lmask.shape[0]}")
-        if plen < n:
-            raise ValueError(f"padded length {plen} is shorter than the document ({n} tokens)")
-        tokens[start : start + n] = ids
-        labels[start : start + n - 1] = ids[1:]
-        m = (lmask[1:] > 0).astype(np.float32) if not filler_only else np.zeros(max(n - 1, 0), np.float32)
-        mask[start : start + n - 1] = m
-        positions[start : start + plen] = np.arange(plen)
-        lengths.append(n if not filler_only else 0)
-        sample_loss.append(float(m.sum()))
-        start += plen
-    if filler_only:
-        lengths = [0]
-
+    tokens, labels, mask, positions, lengths, sample_loss = _fill_documents(
+        samples, padded_lengths, pad_id=pad_id, filler_only=filler_only
+    )
     loss_tokens = int(sum(sample_loss))
-    start = 0
-    for plen, n_loss in zip(padded_lengths, sample_loss):
-        sl = slice(start, start + plen)
-        if loss_normalization == "step_token_mean":
-            weight[sl] = mask[sl]
-        elif loss_normalization == "micro_batch_mean" and loss_tokens:
-            weight[sl] = mask[sl] / loss_tokens
-        elif loss_normalization == "sample_mean" and n_loss:
-            weight[sl] = mask[sl] / n_loss
-        start += plen
+    weight = _loss_weights(mask, padded_lengths, sample_loss, loss_tokens, loss_normalization)
 
     cu = np.zeros(len(lengths) + 1, dtype=np.int32)
     cu[1:] = np.cumsum(lengths)
@@ -177,13 +204,7 @@ def build_packed_batch(
         cu_pad_t = torch.from_numpy(cu_pad)
         t = {k: shard_for_cp(v, cu_pad_t, cp, cp_rank).contiguous() for k, v in t.items()}
     local_loss = int(t["loss_mask"].sum().item())
-
-    if loss_normalization == "step_token_mean":
-        denom = local_loss
-    elif loss_normalization == "micro_batch_mean":
-        denom = int(loss_tokens > 0) if cp_rank == 0 else 0
-    else:
-        denom = sum(1 for x in sample_loss if x > 0) if cp_rank == 0 else 0
+    denom = _denominator(loss_normalization, local_loss, loss_tokens, sample_loss, cp_rank)
 
     return PackedBatch(
         tokens=t["tokens"],

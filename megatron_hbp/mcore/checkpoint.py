@@ -116,12 +116,17 @@ def _set_rng_states(states: dict) -> None:
         get_cuda_rng_tracker().set_states(states["tracker"])
 
 
-def _dist_opt_name() -> str:
-    from megatron.core import parallel_state
+def _require_groups(groups, why: str):
+    if groups is None:
+        raise ValueError(
+            f"{why} needs this rank's place in the job: pass groups= (megatron_hbp.mcore.parallel)"
+        )
+    return groups
 
-    tp = parallel_state.get_tensor_model_parallel_rank()
-    pp = parallel_state.get_pipeline_model_parallel_rank()
-    return f"dist_opt_tp{tp}_pp{pp}.pt"
+
+def _dist_opt_name(groups) -> str:
+    g = _require_groups(groups, "the distributed-optimizer state file")
+    return f"dist_opt_tp{g.tp_rank}_pp{g.pp_rank}.pt"
 
 
 def _chained(optimizer) -> list:
@@ -164,8 +169,12 @@ def save_checkpoint(
     meta: dict,
     distributed_optimizer=False,
     keep_last: int = 0,
+    groups=None,
 ) -> Path:
     """Save one step atomically (a collective: every rank calls it). Returns ``step_<N>``.
+
+    ``groups``: this rank's ``megatron_hbp.mcore.parallel.ParallelGroups`` (needed with
+    ``distributed_optimizer``, whose state file is named by the TP and PP rank).
 
     Every rank writes and fsyncs its files in ``step_<N>.tmp`` and reports their sizes and
     sha256; rank 0 writes ``meta.json`` and the manifest, renames the folder, replaces
@@ -178,7 +187,7 @@ def save_checkpoint(
     tmp = tmp_step_dir(directory, steps_done)
     mine = {}
     if distributed_optimizer:  # collective over the data-parallel group; DP rank 0 writes
-        name = _dist_opt_name()
+        name = _dist_opt_name(groups)
         optimizer.save_parameter_state(str(tmp / name))
         if _dist_opt_writer(optimizer):
             mine[name] = file_entry(tmp / name)
@@ -338,9 +347,20 @@ def _layout_change_blocker(saved: dict, current: dict, distributed_optimizer: bo
 
 
 def load_checkpoint(
-    path, *, rank: int, model, optimizer, scheduler, current_meta: dict, distributed_optimizer=False
+    path,
+    *,
+    rank: int,
+    model,
+    optimizer,
+    scheduler,
+    current_meta: dict,
+    distributed_optimizer=False,
+    groups=None,
 ) -> int:
     """Restore this rank's state; returns the number of plan steps already done.
+
+    ``groups``: this rank's ``megatron_hbp.mcore.parallel.ParallelGroups`` (needed with
+    ``distributed_optimizer`` and to reshard a checkpoint saved with another TP).
 
     Raises ``CheckpointMismatchError`` (other plan / model / layout), ``CheckpointCorruptError``
     (unfinished or damaged folder, naming the file), ``UnsafeCheckpointError`` (a file that is
@@ -363,20 +383,19 @@ def load_checkpoint(
     check_compatible(saved_meta, current_meta, path, ignore=("tp", "world_size") if relayout else ())
 
     def read_resharded():
-        from megatron.core import parallel_state
-
         from megatron_hbp.configio import from_dict
         from megatron_hbp.mcore.ckpt_reshard import reshard_states, saved_ranks
         from megatron_hbp.model_config import ModelConfig
 
-        files = [path / _rank_name(r) for r in saved_ranks(parallel_state.get_data_parallel_rank(), tp_saved)]
+        me = _require_groups(groups, f"resharding checkpoint {path} from tp={tp_saved}")
+        files = [path / _rank_name(r) for r in saved_ranks(me.dp_rank, tp_saved)]
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"checkpoint {path} has no {f.name}")
         states = [safe_load(f) for f in files]
         cfg = from_dict(ModelConfig, saved_meta["model"], str(path / "meta.json"))
         return reshard_states(
-            states, cfg=cfg, tp=tp_now, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            states, cfg=cfg, tp=tp_now, tp_rank=me.tp_rank,
             model=model, optimizer=optimizer,
         )  # fmt: skip
 
@@ -394,7 +413,7 @@ def load_checkpoint(
             raise CheckpointCorruptError(f"{f}: not a megatron-hbp rank checkpoint (keys missing)")
         dopt = None
         if distributed_optimizer and _dist_opt_writer(optimizer):
-            g = path / _dist_opt_name()
+            g = path / _dist_opt_name(groups)
             if not g.is_file():
                 raise FileNotFoundError(f"checkpoint {path} has no distributed-optimizer state {g.name}")
             dopt = safe_load(g)

@@ -14,7 +14,6 @@ from megatron_hbp.configio import ConfigError, to_dict
 from megatron_hbp.mcore import preflight_checks as checks
 from megatron_hbp.mcore.config import TrainConfig, load_train_config
 from megatron_hbp.mcore.launch import TrainSetupError, _shutdown, init_distributed
-from megatron_hbp.mcore.loop import run
 from megatron_hbp.mcore.preemption import EXIT_PREEMPTED, Preempted
 from megatron_hbp.mcore.preflight import preflight
 
@@ -68,24 +67,30 @@ def config_from_args(args) -> TrainConfig:
     return load_train_config(args.config, overrides)
 
 
+def _dry_run(cfg: TrainConfig, args) -> int:
+    """``--dry-run``: the pre-flight checks and the resolved config, no model."""
+    simulate = not checks.launched()  # plain python: check the launch size of --nproc / the plan
+    rank, world, _ = init_distributed()
+    world = checks.dry_run_world(cfg, args.nproc) if simulate else world
+    prep = preflight(cfg, world, rank)
+    if rank == 0:
+        print(json.dumps(to_dict(cfg), indent=2))
+        print(f"[hbp] pre-flight ok: plan of {prep.plan.num_steps} steps for {prep.dp_size} ranks")
+        if simulate:
+            print(f"[hbp] (checked for a launch of {world} processes: torchrun --nproc-per-node {world})")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
         checks.check_sample_info_override(args.config, args.overrides, cfg)
         if args.dry_run:
-            simulate = not checks.launched()  # plain python: check the launch size of --nproc / the plan
-            rank, world, _ = init_distributed()
-            world = checks.dry_run_world(cfg, args.nproc) if simulate else world
-            prep = preflight(cfg, world, rank)
-            if rank == 0:
-                print(json.dumps(to_dict(cfg), indent=2))
-                print(f"[hbp] pre-flight ok: plan of {prep.plan.num_steps} steps for {prep.dp_size} ranks")
-                if simulate:
-                    print(
-                        f"[hbp] (checked for a launch of {world} processes: torchrun --nproc-per-node {world})"
-                    )
-            return 0
+            return _dry_run(cfg, args)
+        init_distributed()  # before Megatron is imported: other ranks then keep its import warnings quiet
+        from megatron_hbp.mcore.loop import run  # deferred: imports megatron.core (see above)
+
         run(cfg)
     except Preempted as e:
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

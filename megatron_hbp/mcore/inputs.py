@@ -8,10 +8,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_hbp.configio import ConfigError
+import yaml
+
+from megatron_hbp import data as hdata
+from megatron_hbp.configio import ConfigError, from_dict
+from megatron_hbp.convert import find_hf_tokenizer
+from megatron_hbp.convert.hf_config import config_differences
+from megatron_hbp.data import load_sample_info
+from megatron_hbp.data.demo import ensure_demo_data
 from megatron_hbp.mcore.config import TrainConfig
 from megatron_hbp.mcore.launch import TrainSetupError
 from megatron_hbp.model_config import ModelConfig, load_model_config
+from megatron_hbp.planner import PlanConfig, build_plan
+from megatron_hbp.planner.report import report_markdown, write_report
 
 # Markers of the Jinja chat templates that ship with HF models -> our built-in template with
 # the same rendering (megatron_hbp.data.templates); checked in this order.
@@ -45,12 +54,8 @@ def resolve_tokenizer_and_template(cfg: TrainConfig) -> tuple[str, str]:
     tokenizer shipped in it (``tokenizer.json`` / ``tokenizer.model``) and the built-in template
     matching its chat template; otherwise the default tokenizer and ``llama3``.
     """
-    from megatron_hbp import data as hdata
-
     tokenizer, template = cfg.data.tokenizer, cfg.data.template
     if cfg.init_from is not None and (tokenizer is None or template is None):
-        from megatron_hbp.convert import find_hf_tokenizer
-
         src = init_dir_files(cfg.init_from)
         tok, jinja = find_hf_tokenizer(src)
         if tokenizer is None:
@@ -72,12 +77,8 @@ def resolve_tokenizer_and_template(cfg: TrainConfig) -> tuple[str, str]:
 
 
 def _build_sample_info(cfg: TrainConfig) -> None:
-    from megatron_hbp import data as hdata
-
     paths = list(cfg.data.paths)
     if cfg.data.demo:
-        from megatron_hbp.data.demo import ensure_demo_data
-
         paths = [str(ensure_demo_data())]
     if not paths:
         raise TrainSetupError(
@@ -98,8 +99,6 @@ def check_init_from(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """Refuse, before training, initial weights that cannot load into this model."""
     if cfg.init_from is None or cfg.checkpoint.load:
         return
-    from megatron_hbp.convert.hf_config import config_differences
-
     d = Path(cfg.init_from)
     if cfg.parallel.pp > 1:
         raise TrainSetupError("init_from does not support pipeline parallelism (pp > 1); use pp: 1")
@@ -140,12 +139,6 @@ def check_init_from(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
 
 
 def _build_plan(cfg: TrainConfig, dp_size: int) -> None:
-    import yaml
-
-    from megatron_hbp.configio import from_dict
-    from megatron_hbp.data import load_sample_info
-    from megatron_hbp.planner import PlanConfig, build_plan
-
     if not cfg.plan.config:
         raise TrainSetupError(
             f"plan {cfg.plan.path} is missing and plan.config is not set: run tools/plan.py first"
@@ -166,8 +159,6 @@ def _build_plan(cfg: TrainConfig, dp_size: int) -> None:
     target = Path(cfg.plan.path)
     out = plan.save(target if target.suffix == ".npz" else target / "plan.npz")
     try:
-        from megatron_hbp.planner.report import report_markdown, write_report
-
         rep = write_report(plan, out.parent, title=f"Plan report: {out}")
         print(report_markdown(rep, title=f"Plan report: {out}"), flush=True)
     except Exception as e:  # the report is informational; training does not depend on it

@@ -13,6 +13,7 @@ import torch
 
 from megatron_hbp.mcore import preflight_checks as checks
 from megatron_hbp.mcore.config import TrainConfig
+from megatron_hbp.mcore.shim import install_cpu_shim
 
 
 class TrainSetupError(RuntimeError):
@@ -55,8 +56,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
         backend = "nccl"
     else:
-        from megatron_hbp.mcore.shim import install_cpu_shim
-
         install_cpu_shim()
         device = torch.device("cpu")
         backend = "gloo"

@@ -54,19 +54,15 @@ def _fused_output_processor(*, hidden_states, output_layer, output_weight, label
     )
 
 
-def token_losses(model, inputs: dict, impl: str = "megatron", kernel_backend: str = "auto") -> torch.Tensor:
+def token_losses(
+    model, inputs: dict, impl: str = "megatron", kernel_backend: str = "auto", tp_group=None
+) -> torch.Tensor:
     """The one loss seam. ``megatron``: fp32 ``[1, t]`` per-token CE (weights applied by
     ``loss_func``). ``fused``: 0-dim Σ CE over the loss tokens (weights must all be 1), computed
     by the kernel's ``kernel_backend`` (``triton`` forces the Triton path, also on CPU under
-    TRITON_INTERPRET=1)."""
+    TRITON_INTERPRET=1) and reduced over ``tp_group`` (the tensor-parallel group when tp > 1,
+    ``ParallelGroups.tp_group``; None for tp = 1)."""
     if impl == "fused":
-        from megatron.core import parallel_state
-
-        tp = (
-            parallel_state.get_tensor_model_parallel_group()
-            if parallel_state.model_parallel_is_initialized()
-            else None
-        )
         return model(
             inputs["tokens"],
             None,
@@ -76,7 +72,7 @@ def token_losses(model, inputs: dict, impl: str = "megatron", kernel_backend: st
             packed_seq_params=inputs["packed_seq_params"],
             output_processor=_fused_output_processor,
             output_processor_context={
-                "tp_group": tp if tp is not None and tp.size() > 1 else None,
+                "tp_group": tp_group if tp_group is not None and tp_group.size() > 1 else None,
                 "backend": kernel_backend,
             },
         )
@@ -103,10 +99,10 @@ def loss_func(loss_weight: torch.Tensor, denominator: int, output: torch.Tensor)
     return weighted, denom, {"loss": report}
 
 
-def forward_step(data_iterator, model, impl: str = "megatron", kernel_backend: str = "auto"):
+def forward_step(data_iterator, model, impl: str = "megatron", kernel_backend: str = "auto", tp_group=None):
     """``forward_step_func`` for ``get_forward_backward_func()``: one micro-batch."""
     inputs = next(data_iterator)
-    output = token_losses(model, inputs, impl, kernel_backend)
+    output = token_losses(model, inputs, impl, kernel_backend, tp_group)
     return output, functools.partial(loss_func, inputs["loss_weight"], inputs["denominator"])
 
 

@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import replace as _replace
 
 import numpy as np
 import torch
 
+from megatron_hbp.costmodel import CostModel, TrainingSetup
+from megatron_hbp.costmodel.hardware import HardwareProfile, hardware_for_device_name
 from megatron_hbp.mcore.config import TrainConfig
 from megatron_hbp.mcore.launch import TrainSetupError
 from megatron_hbp.model_config import ModelConfig
@@ -50,10 +53,6 @@ def trainer_cost_model(
     the MLP runs with ``bias_activation_fusion=False`` (unfused SwiGLU); CP > 1 steps go through
     ``megatron_hbp.cp`` (``cp_impl``: Ulysses or all-gather); activations bf16 or fp32.
     """
-    from dataclasses import replace as _replace
-
-    from megatron_hbp.costmodel import CostModel, TrainingSetup
-
     layers = -(-model_cfg.num_layers // pp)
     stage = model_cfg if pp == 1 else _replace(model_cfg, num_layers=layers)
     kw = {} if memory_reserve_gib is None else {"memory_reserve_gib": memory_reserve_gib}
@@ -99,8 +98,6 @@ def hardware_for_device(device_name: str, limit_bytes: float):
     throughput fields are placeholders that ``CostModel.memory`` never reads, and borrowing the
     H100's would print an H100 banner (and H100 speeds to anyone reusing the model) for a GPU it is
     not."""
-    from megatron_hbp.costmodel.hardware import HardwareProfile, hardware_for_device_name
-
     name = device_name
     known = hardware_for_device_name(name)  # the profiles' device_names (costmodel/hardware/*.yaml)
     if known is not None:
@@ -118,7 +115,7 @@ def hardware_for_device(device_name: str, limit_bytes: float):
 def _rmsnorm_fused() -> bool:
     """Megatron's local layer spec uses apex FusedLayerNorm when apex is importable, else torch's."""
     try:
-        from megatron.core.models.gpt import gpt_layer_specs
+        from megatron.core.models.gpt import gpt_layer_specs  # optional here; after init_distributed
 
         return bool(getattr(gpt_layer_specs, "HAVE_APEX", False))
     except Exception:  # no megatron: the unfused norm keeps more, the safer estimate

@@ -99,17 +99,15 @@ class MeasuredProfiler(Profiler):
         """
         if self._model is not None:
             return self._model, self._optimizer
-        from megatron.core import parallel_state
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
+        from megatron_hbp.mcore.build import wrap_ddp_and_optimizer
         from megatron_hbp.mcore.config import OptimizerConfig
+        from megatron_hbp.mcore.launch import init_distributed
         from megatron_hbp.mcore.model import build_model
-        from megatron_hbp.mcore.train import init_distributed, wrap_ddp_and_optimizer
+        from megatron_hbp.mcore.parallel import ensure_model_parallel, seed_model_parallel_rng
 
         init_distributed()  # single process unless launched by torchrun
-        if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(1, 1)
-        model_parallel_cuda_manual_seed(self.seed)
+        ensure_model_parallel(1, 1, keep_other_sizes=True)
+        seed_model_parallel_rng(self.seed)
         model = build_model(self.model_cfg, dtype=dtype, attention_backend=self.attention_backend)
         model = model.to(device)
         # lr/clip as a real run; their values do not change time or memory

@@ -13,14 +13,17 @@ Everything that can be checked before training is checked first (:func:`prefligh
 errors that say what to change: unknown preset, missing sample info or data file, a plan for
 another world size or another sample info, CP degrees that do not fit, an obvious OOM.
 
-This module only re-exports the trainer's public names; the code lives in small modules:
-``launch`` (environment, distributed init), ``inputs`` (tokenizer/template, sample info and
-plan building, ``init_from`` check), ``memory`` (the OOM rule), ``preflight`` (the checks
-before the model), ``step`` (DDP + optimizer), ``loop`` (:func:`run`) and ``cli`` (:func:`main`).
+This module only re-exports the trainer's names; the code lives in small modules (docs/architecture.md):
+``launch`` (environment, distributed init), ``inputs`` (tokenizer/template, sample info and plan
+building, the ``init_from`` check), ``memory`` (the OOM rule), ``preflight`` (the checks before
+the model), ``parallel`` (:class:`ParallelGroups`, the one reader of Megatron's ``parallel_state``),
+``build`` (model, DDP + optimizer, schedule, resume), ``step`` (one optimizer step), ``step_log``
+(banner and metrics record), ``loop`` (:func:`run`) and ``cli`` (:func:`main`).
 """
 
 from __future__ import annotations
 
+from megatron_hbp.mcore.build import wrap_ddp_and_optimizer
 from megatron_hbp.mcore.cli import config_from_args, main, parse_args
 from megatron_hbp.mcore.inputs import (
     _build_plan,
@@ -49,6 +52,7 @@ from megatron_hbp.mcore.memory import (
     memory_verdicts,
     trainer_cost_model,
 )
+from megatron_hbp.mcore.parallel import ParallelGroups
 from megatron_hbp.mcore.preflight import (
     Prepared,
     _accumulates_replicas,
@@ -57,10 +61,11 @@ from megatron_hbp.mcore.preflight import (
     _fewer_ranks_hint,
     preflight,
 )
-from megatron_hbp.mcore.step import gathered_unique, wrap_ddp_and_optimizer
+from megatron_hbp.mcore.step import gathered_unique
 
 __all__ = [
     "GroupMemory",
+    "ParallelGroups",
     "Prepared",
     "TrainSetupError",
     "_accumulates_replicas",
