@@ -2,7 +2,7 @@
 
 Runs real training iterations of the trainer's model on packs of random token ids and reports
 the time of forward + backward over the packs (one micro-batch each) and the peak memory of the
-GPU. The model is wrapped exactly as training wraps it (``megatron_hbp.mcore.train``: Megatron
+GPU. The model is wrapped exactly as training wraps it (``megatron_hbp.mcore.build``: Megatron
 DDP with its fp32 gradient buffer, Megatron Adam, bf16) and every iteration ends with an
 optimizer step, so the peak includes what training holds besides activations: bf16 weights
 (2 B/param), fp32 gradient buffer (4), fp32 main weights (4) and Adam moments (8), i.e.
