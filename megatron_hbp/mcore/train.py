@@ -335,22 +335,6 @@ def trainer_cost_model(
     return CostModel(stage, hardware or "h100_sxm", num_gpus=world // pp, setup=setup)
 
 
-def group_sum_sq_lengths(plan) -> np.ndarray:
-    """``[G] float64``: per plan group, the largest sum of squared real document lengths of one pack
-    (what the math attention backend keeps per layer is proportional to it)."""
-    a = plan.arrays
-    po = np.asarray(a["pack_offsets"], dtype=np.int64)
-    lens = np.asarray(a["lengths"], dtype=np.float64)
-    per_pack = np.bincount(
-        np.repeat(np.arange(len(po) - 1), np.diff(po)), weights=lens**2, minlength=len(po) - 1
-    )
-    spo = np.asarray(a["step_pack_offsets"], dtype=np.int64)
-    pack_group = np.repeat(np.asarray(a["step_group"], dtype=np.int64), np.diff(spo))
-    out = np.zeros(len(plan.groups))
-    np.maximum.at(out, pack_group, per_pack[: len(pack_group)])
-    return out
-
-
 def hardware_for_device(device_name: str, limit_bytes: float):
     """Cost-model hardware profile of a GPU called ``device_name`` (``torch.cuda.get_device_name``).
 
@@ -410,7 +394,7 @@ def memory_verdicts(cm, plan, limit_bytes: float, *, pp: int = 1) -> list[GroupM
     limit is ``refused``; one that only the reserve (CUDA context, NCCL buffers, fragmentation: an
     estimate calibrated on the paper's TE path) tips over is a ``warning``."""
     out: list[GroupMemory] = []
-    sq = group_sum_sq_lengths(plan) if cm.setup.attention_impl == "math" else None
+    sq = plan.workload.group_max_sum_sq(plan.arrays["step_group"], len(plan.groups))  # largest Σl² of a pack
     L = cm.model.num_layers
     for i, g in enumerate(plan.groups):
         k = min(int(g.recompute_layers), L)
@@ -721,8 +705,9 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     from megatron_hbp.mcore.batch import to_model_inputs
     from megatron_hbp.mcore.data import make_loader, rank_work_items
     from megatron_hbp.mcore.loss import forward_step, reduce_reports, resolve_loss_impl
-    from megatron_hbp.mcore.metrics import MetricsLogger, model_flops, peak_tflops, rank_attention_pairs
+    from megatron_hbp.mcore.metrics import MetricsLogger, model_flops, peak_tflops, step_rank_work
     from megatron_hbp.mcore.model import build_model, select_layer_kernels, set_recompute
+    from megatron_hbp.planner.workload import step_denominators
 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     plan = prep.plan
@@ -855,6 +840,10 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     kernel_backend = "triton" if layer_kernels == "triton" else "auto"  # of the fused loss kernel
     step_fn = functools.partial(forward_step, impl=loss_impl, kernel_backend=kernel_backend)
     peak = peak_tflops()
+    # Megatron's all-reduced loss denominator of every step, from the plan (checked each step)
+    denoms = step_denominators(
+        plan.arrays, plan.workload, cfg.loss_normalization, prep.sample_info.loss_tokens
+    )
     records = []
     if rank == 0:
         print(
@@ -877,6 +866,13 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
         cp_group = cp_groups.cp_group(cp) if cp > 1 else None
         n_mb = int(step.micro_batches_per_replica) * (plan.world_size // prep.dp_size)  # replicas per rank
         host_batches = [next(batches_it) for _ in range(n_mb)]
+        group_cp = cp_group.size() if cp_group is not None else 1
+        if group_cp != cp or any(int(b.cp) != cp for b in host_batches):
+            raise RuntimeError(
+                f"plan step {s}, rank {rank}: the step's CP group has {group_cp} ranks and its micro-batches cp "
+                f"{sorted({int(b.cp) for b in host_batches})}, but the plan's work item says cp {cp}; the data "
+                "loader or the CP groups do not follow the plan (restart with the plan the run was started with)"
+            )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
@@ -903,46 +899,18 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
 
-        local_loss_tokens = sum(b.local_loss_tokens for b in host_batches)
-        pairs = rank_attention_pairs(host_batches, prep.cp_impl)
-        stats = torch.tensor([local_loss_tokens, pairs], dtype=torch.float64, device=device)
-        gathered = [torch.zeros_like(stats) for _ in range(world)]
-        torch.distributed.all_gather(gathered, stats)
-        loss_tokens_total = int(sum(x[0] for x in gathered_unique(gathered, tp, pp)))
-        if cfg.check_loss_tokens and loss_tokens_total != int(step.loss_tokens):
+        if cfg.check_loss_tokens and int(round(denom)) != int(denoms[s]):
             raise RuntimeError(
-                f"plan step {s}: the micro-batches hold {loss_tokens_total} loss tokens but the plan says "
-                f"{int(step.loss_tokens)}; the plan or sample info does not match the data (rebuild both)"
+                f"plan step {s}, rank {rank}: Megatron's all-reduced loss denominator {denom} differs from the "
+                f"plan's {int(denoms[s])} ({cfg.loss_normalization}); the plan or sample info does not match the "
+                "data (rebuild both)"
             )
-        if (
-            cfg.loss_normalization == "step_token_mean"
-            and cfg.check_loss_tokens
-            and int(round(denom)) != int(step.loss_tokens)
-        ):
-            raise RuntimeError(
-                f"plan step {s}: Megatron's all-reduced token count {denom} differs from the plan's "
-                f"{int(step.loss_tokens)}"
-            )
-        pairs_per_rank = [float(x[1]) for x in gathered_unique(gathered, tp, pp)]
+        pairs_per_rank, comm = step_rank_work(  # from the plan's workload: no recount, no collective
+            plan.workload, s, dp_rank=dp_rank, dp_size=prep.dp_size, cp_impl=prep.cp_impl,
+            model_cfg=prep.model_cfg, tp=tp, pp=pp, dtype_bytes=2 if bf16 else 4,
+        )  # fmt: skip
         mean_pairs = float(np.mean(pairs_per_rank)) if pairs_per_rank else 0.0
         tokens = int(step.num_tokens)
-        comm = 0
-        if cp > 1:
-            from megatron_hbp.cp import cp_comm_bytes, ulysses_comm_bytes
-
-            mc = prep.model_cfg
-            for b in host_batches:
-                kw = dict(
-                    num_layers=mc.num_layers // pp, recompute_layers=int(step.recompute_layers),
-                    dtype_bytes=2 if bf16 else 4,
-                )  # fmt: skip
-                n_tok, hkv = int(sum(b.padded_lengths)), mc.num_query_groups // tp
-                if prep.cp_impl == "ulysses":
-                    comm += ulysses_comm_bytes(
-                        n_tok, mc.num_attention_heads // tp, hkv, mc.head_dim, cp, **kw
-                    )
-                else:
-                    comm += cp_comm_bytes(n_tok, hkv, mc.head_dim, cp, **kw)
         rec = {
             "step": s,
             "group": int(step.group),
@@ -991,17 +959,6 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
     preempt.close()
     logger.close()
     return records
-
-
-def gathered_unique(gathered: list[torch.Tensor], tp: int, pp: int) -> list[list[float]]:
-    """One entry per data x context rank from a world all-gather (TP/PP copies dropped).
-
-    Megatron's default order puts TP innermost, then DP, then PP: the ranks with tp_rank 0
-    of the first pipeline stage are ``0, tp, 2·tp, ...`` up to ``dp·tp``.
-    """
-    world = len(gathered)
-    dp = world // (tp * pp)
-    return [gathered[i * tp].tolist() for i in range(dp)]
 
 
 # ----------------------------------------------------------------------------- CLI
