@@ -167,6 +167,27 @@ def test_group_max_sum_sq_and_denominators_by_hand():
         step_denominators(plan.arrays, wl, "token")
 
 
+def test_group_max_sum_sq_matches_packs():
+    """(Moved from tests/test_mcore_checkpoint.py: the trainer's memory pre-flight reads it.)"""
+    plan = build_plan(
+        np.array([10, 20, 30, 5, 60, 100, 150, 200, 7, 9]),
+        None,
+        PlanConfig(
+            groups=[GroupConfig(pack_length=64), GroupConfig(pack_length=256)],
+            world_size=2,
+            micro_batches_per_step=1,
+        ),
+    )
+    want = np.zeros(2)
+    for st in plan:
+        for r in st.replicas:
+            for mb in r.micro_batches:
+                for pk in mb.packs:
+                    want[st.group] = max(want[st.group], float((pk.lengths.astype(np.int64) ** 2).sum()))
+    assert want.min() > 0
+    np.testing.assert_array_equal(plan.workload.group_max_sum_sq(plan.arrays["step_group"], 2), want)
+
+
 def test_cp_comm_bytes_by_hand():
     # all-gather, cp 2, 12 padded tokens: local 6; block = 2 (K,V) * 6 * 2 kv heads * 16 * 2 B = 768;
     # passes = 2 layers fwd + 1 recomputed + 2*2 backward = 7; (c-1) = 1 -> 5376
