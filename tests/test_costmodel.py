@@ -141,7 +141,8 @@ def test_zigzag_pairs_match_kernel_reference():
     [
         (np.array([1.5]), np.array([0, 1]), 1, "integer"),
         (np.array([-1]), np.array([0, 1]), 1, ">= 0"),
-        (np.array([3, 4]), np.array([0, 1]), 1, "non-decreasing"),
+        (np.array([3, 4]), np.array([0, 3]), 1, "non-decreasing"),  # past the last document
+        (np.array([3, 4]), np.array([0, 2, 1]), 1, "non-decreasing"),
         (np.array([3]), np.array([0, 1]), 0, "cp must be"),
     ],
 )

@@ -400,3 +400,28 @@ def test_varlen_backend_matches_sdpa_cuda(cp):
         torch_err = max(rel_err(base.cpu(), ref["out"]), 4e-3)
         assert errs["out"] <= 2 * torch_err, errs
         assert max(errs.values()) <= 2e-2, errs
+
+
+@pytest.mark.parametrize(
+    ("on_cuda", "half", "varlen", "te", "want"),
+    [
+        (True, True, True, True, "te"),
+        (True, True, True, False, "varlen"),
+        (True, True, False, False, "sdpa"),
+        (True, False, True, True, "sdpa"),  # fp32: no flash kernel
+        (False, True, True, True, "sdpa"),  # CPU
+    ],
+)
+def test_auto_attention_backend_is_one_rule(on_cuda, half, varlen, te, want):
+    """The CP attention's ``auto`` and the trainer's (``mcore.attention.resolve_backend``) are one rule."""
+    from megatron_hbp.cp import auto_attention_backend
+
+    assert (
+        auto_attention_backend(on_cuda=on_cuda, half=half, varlen_available=varlen, te_available=te) == want
+    )
+    pytest.importorskip("megatron.core")
+    from megatron_hbp.mcore.attention import resolve_backend
+
+    dtype = torch.bfloat16 if half else torch.float32
+    got = resolve_backend("auto", on_cuda=on_cuda, dtype=dtype, te_available=te, varlen_available=varlen)
+    assert got == want

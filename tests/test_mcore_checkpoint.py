@@ -7,7 +7,6 @@ from megatron_hbp.mcore.checkpoint import CheckpointMismatchError, check_compati
 from megatron_hbp.mcore.train import (
     TrainSetupError,
     check_memory,
-    group_sum_sq_lengths,
     hardware_for_device,
     trainer_cost_model,
 )
@@ -142,22 +141,6 @@ def _plan(groups, lengths):
     return build_plan(
         np.array(lengths), None, PlanConfig(groups=groups, world_size=2, micro_batches_per_step=1)
     )
-
-
-def test_group_sum_sq_lengths_matches_packs():
-    from megatron_hbp.planner import GroupConfig
-
-    plan = _plan(
-        [GroupConfig(pack_length=64), GroupConfig(pack_length=256)], [10, 20, 30, 5, 60, 100, 150, 200, 7, 9]
-    )
-    want = np.zeros(2)
-    for st in plan:
-        for r in st.replicas:
-            for mb in r.micro_batches:
-                for pk in mb.packs:
-                    want[st.group] = max(want[st.group], float((pk.lengths.astype(np.int64) ** 2).sum()))
-    assert want.min() > 0
-    np.testing.assert_array_equal(group_sum_sq_lengths(plan), want)
 
 
 def test_check_memory_names_group_components_and_fix():

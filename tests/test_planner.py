@@ -18,8 +18,8 @@ from megatron_hbp.planner import (
     next_fit,
     order_steps,
     replica_sums,
-    zigzag_attention_cost,
-    zigzag_doc_cost,
+    zigzag_attention_pairs,
+    zigzag_doc_pairs,
 )
 from megatron_hbp.planner.packing import stable_argsort_int
 from megatron_hbp.planner.plan import lengths_digest
@@ -192,19 +192,17 @@ def test_curriculum_longer_than_short_steps_keeps_all():
 def test_zigzag_cost_by_hand():
     # l=5, cp=2: padded 8, chunks of 2: q{0,1}=1+2, q{2,3}=3+4, q{4}=5, q{5,6,7} padding
     # rank0 = chunks 0,3 = 3; rank1 = chunks 1,2 = 12.  l=8: rank0 = 3+15, rank1 = 7+11.
-    assert zigzag_doc_cost(np.array([5, 8]), 2).tolist() == [[3, 12], [18, 18]]
-    assert zigzag_doc_cost(np.array([5]), 1).tolist() == [[15]]
-    assert zigzag_attention_cost([np.array([5, 8]), np.array([], dtype=np.int64)], 2).tolist() == [
+    assert zigzag_doc_pairs(np.array([5, 8]), 2).tolist() == [[3, 12], [18, 18]]
+    assert zigzag_doc_pairs(np.array([5]), 1).tolist() == [[15]]
+    assert zigzag_attention_pairs(np.array([5, 8]), np.array([0, 2, 2]), 2).tolist() == [
         [21, 30],
         [0, 0],
     ]
 
 
 def test_zigzag_cost_offsets_need_not_start_at_zero():
-    from megatron_hbp.planner import zigzag_attention_cost_flat
-
     # documents 1..2 only: [5, 8] -> as above; document 0 (length 99) is outside every pack
-    got = zigzag_attention_cost_flat(np.array([99, 5, 8]), np.array([1, 2, 2, 3]), 2)
+    got = zigzag_attention_pairs(np.array([99, 5, 8]), np.array([1, 2, 2, 3]), 2)
     assert got.tolist() == [[3, 12], [0, 0], [18, 18]]
 
 
@@ -221,7 +219,7 @@ def test_zigzag_cost_matches_brute_force():
                 j = q // chunk
                 r = j if j < cp else 2 * cp - 1 - j
                 want[r] += q + 1
-        assert zigzag_attention_cost([lens], cp)[0].tolist() == want.tolist()
+        assert zigzag_attention_pairs(lens, np.array([0, len(lens)]), cp)[0].tolist() == want.tolist()
 
 
 # ----------------------------------------------------------------------------- metrics

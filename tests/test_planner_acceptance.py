@@ -142,12 +142,12 @@ def test_zigzag_cost_matches_the_torch_reference():
     """The planner's closed form and the kernels package's torch reference share one semantics."""
     torch = pytest.importorskip("torch")
     from megatron_hbp.kernels.attention_cost import attention_cost_reference
-    from megatron_hbp.planner import zigzag_attention_cost_flat
+    from megatron_hbp.planner import zigzag_attention_pairs
 
     rng = np.random.default_rng(0)
     for cp in (1, 2, 3, 8):
         lengths = rng.integers(0, 5000, 60)
         offsets = np.sort(np.concatenate([[3, 57], rng.integers(3, 58, 9)]))  # empty packs too
-        ours = zigzag_attention_cost_flat(lengths, offsets, cp)
+        ours = zigzag_attention_pairs(lengths, offsets, cp)
         ref = attention_cost_reference(torch.from_numpy(lengths), torch.from_numpy(offsets), cp).numpy()
         assert (ours == ref).all()

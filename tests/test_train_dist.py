@@ -94,6 +94,15 @@ def work(tmp_path_factory):
     plan = build_plan(info.lengths, info.loss_tokens, cfg, fingerprint=info.fingerprint)
     plan.save(w / "plan_w2.npz")
     one_rank_copy(plan, w / "plan_w1.npz")
+    # a plan whose step 0 claims one loss token more than its samples hold (Megatron's denominator check)
+    from megatron_hbp.planner import Plan
+
+    bad_loss = dict(plan.arrays, step_loss_tokens=plan.arrays["step_loss_tokens"].copy())
+    bad_loss["step_loss_tokens"][0] += 1
+    Plan(
+        config=plan.config, arrays=bad_loss, num_samples=plan.num_samples, fingerprint=plan.fingerprint,
+        lengths_sha256=plan.lengths_sha256,
+    ).save(w / "plan_w2_bad_loss.npz")  # fmt: skip
     rcfg = replace(cfg, micro_batches_per_step=1)
     rplan = build_plan(info.lengths, info.loss_tokens, rcfg, fingerprint=info.fingerprint)
     assert rplan.num_steps >= 10, rplan.num_steps
@@ -256,6 +265,16 @@ def test_bad_input_fails_before_training(work, case, needle):
     assert r["raised"], case
     assert r["type"] == "TrainSetupError", r
     assert needle in r["message"], r["message"]
+
+
+def test_loss_denominator_differing_from_the_plan_stops_the_run(work):
+    """Megatron's all-reduced loss denominator is checked against the plan's every step (no extra
+    collective): a plan claiming one loss token more fails on both ranks with one line naming step and rank."""
+    r = _result(work, "bad")["plan_loss_tokens"]
+    assert r["raised"] and r["type"] == "RuntimeError", r
+    want = "plan step 0, rank 0: Megatron's all-reduced loss denominator "
+    assert r["message"].startswith(want) and "\n" not in r["message"], r["message"]
+    assert "differs from the plan's" in r["message"] and "(step_token_mean)" in r["message"], r["message"]
 
 
 def test_token_files_and_jsonl_train_bitwise_equal(work):

@@ -307,6 +307,7 @@ def scenario_bad(work: Path, rank: int) -> dict:
         "checkpoint_other_plan": _cfg(work, "plan_w2.npz", checkpoint=CheckpointConfig(load=str(work / "ckpt_resume"))),
         "lengths_plan_fewer_samples": _cfg(work, "plan_lengths_fewer.npz"),
         "lengths_plan_other_lengths": _cfg(work, "plan_lengths_other.npz"),
+        "plan_loss_tokens": _cfg(work, "plan_w2_bad_loss.npz", max_steps=1),  # raises after step 0, both ranks
     }  # fmt: skip
     out = {}
     for name, cfg in cases.items():

@@ -9,7 +9,6 @@
 Formulas and sources: ``megatron_hbp.costmodel.model``; docs/costmodel.md.
 """
 
-from megatron_hbp.costmodel.attention import zigzag_attention_pairs, zigzag_doc_pairs
 from megatron_hbp.costmodel.hardware import ClusterConfig, HardwareProfile, available_hardware, load_hardware
 from megatron_hbp.costmodel.model import CostModel, Efficiency, MemoryBreakdown, TimeComponents, TrainingSetup
 from megatron_hbp.costmodel.profiler import (
@@ -48,6 +47,7 @@ from megatron_hbp.costmodel.simulate import (
     simulate_dynamic_cp_upstream,
     simulate_plan,
 )
+from megatron_hbp.planner.workload import zigzag_attention_pairs, zigzag_doc_pairs
 
 __all__ = [
     "AnalyticProfiler",

@@ -4,7 +4,7 @@ Notation (per model preset, ``megatron_hbp.model_config``): L layers, hidden h, 
 a query heads, g K/V heads, head dim d, q = a d, kv = g d, vocabulary V; tensor parallel t,
 context parallel c, data-parallel x context-parallel ranks n = GPUs / t. A micro-batch is one
 pack of documents; T_p = sum of its (CP-padded) document lengths, T = T_p / c tokens per CP rank.
-P_r = causal (query, key) pairs whose query is on CP rank r (``attention.zigzag_attention_pairs``).
+P_r = causal (query, key) pairs whose query is on CP rank r (``megatron_hbp.planner.workload.zigzag_attention_pairs``).
 k = layers with full activation recomputation (Megatron ``recompute_granularity=full``).
 
 FLOPs (one multiply-add = 2 FLOPs; the "6N" accounting of Kaplan et al. 2020 / Narayanan et

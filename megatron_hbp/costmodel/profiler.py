@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megatron_hbp.costmodel.attention import zigzag_attention_pairs
 from megatron_hbp.costmodel.model import CostModel, Efficiency
 from megatron_hbp.planner.packing import cp_padded
+from megatron_hbp.planner.workload import zigzag_attention_pairs
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_hbp.costmodel.attention import zigzag_attention_pairs, zigzag_doc_pairs
 from megatron_hbp.costmodel.dynamic_cp import schedule_step
 from megatron_hbp.costmodel.model import CostModel
 from megatron_hbp.planner.config import GroupConfig, PlanConfig
 from megatron_hbp.planner.packing import cp_padded
+from megatron_hbp.planner.workload import zigzag_doc_pairs
 
 
 @dataclass
@@ -79,22 +79,6 @@ class SimResult:
         return self.tokens / (self.epoch_s * self.num_gpus) if self.epoch_s > 0 else 0.0
 
 
-def pack_times(
-    cost_model: CostModel, lengths: np.ndarray, pack_offsets: np.ndarray, cp: int, recompute_layers: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(compute + overhead seconds [P], exposed CP comm seconds [P]) of packs of one CP degree.
-
-    ``lengths``: real document lengths of all packs concatenated; ``pack_offsets``: [P+1]."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    offsets = np.asarray(pack_offsets, dtype=np.int64)
-    pad = cp_padded(lengths, cp)
-    csum = np.concatenate([[0], np.cumsum(pad)])
-    tokens = csum[offsets[1:]] - csum[offsets[:-1]]
-    pairs = zigzag_attention_pairs(lengths, offsets, cp)
-    compute, comm = cost_model.microbatch_breakdown(tokens, pairs, cp, recompute_layers)
-    return compute + cost_model.efficiency.microbatch_overhead_s, comm
-
-
 def simulate_plan(plan, cost_model: CostModel, name: str = "plan") -> SimResult:
     """Simulate every step of ``plan`` (a ``megatron_hbp.planner`` Plan) on ``cost_model``'s cluster.
 
@@ -107,33 +91,28 @@ def simulate_plan(plan, cost_model: CostModel, name: str = "plan") -> SimResult:
             f"({cost_model.num_gpus} GPUs / TP {cost_model.setup.tensor_parallel}); plan for that world size"
         )
     a = plan.arrays
-    lengths = a["lengths"].astype(np.int64)
-    poff = a["pack_offsets"].astype(np.int64)
+    wl = plan.workload  # each pack's padded tokens and per-CP-rank pairs, derived once
     spo = a["step_pack_offsets"].astype(np.int64)
     sg = a["step_group"].astype(np.int64)
-    smb = a["step_micro_batches"].astype(np.int64)
-    S, P = len(sg), len(poff) - 1
+    S, P = len(sg), wl.num_packs
     groups = plan.groups
     cps = np.array([g.cp for g in groups], dtype=np.int64)
-    step_of_pack = np.repeat(np.arange(S), np.diff(spo))
+    step_of_pack = wl.pack_step
     g_of_pack = sg[step_of_pack]
-    size = np.diff(poff)
     t_comp = np.zeros(P)
     t_comm = np.zeros(P)
     for gi, g in enumerate(groups):
         sel = np.nonzero(g_of_pack == gi)[0]
         if not len(sel):
             continue
-        doc_idx = np.repeat(poff[sel], size[sel]) + (
-            np.arange(size[sel].sum())
-            - np.repeat(np.concatenate([[0], np.cumsum(size[sel])[:-1]]), size[sel])
+        pairs = wl.entry_zigzag_pairs[(wl.entry_offsets[sel][:, None] + np.arange(g.cp)[None, :]).reshape(-1)]
+        c, m = cost_model.microbatch_breakdown(
+            wl.pack_padded_tokens[sel], pairs.reshape(-1, g.cp), g.cp, g.recompute_layers
         )
-        offs = np.concatenate([[0], np.cumsum(size[sel])])
-        c, m = pack_times(cost_model, lengths[doc_idx], offs, g.cp, g.recompute_layers)
-        t_comp[sel], t_comm[sel] = c, m
+        t_comp[sel], t_comm[sel] = c + cost_model.efficiency.microbatch_overhead_s, m
     n_rep = plan.world_size // cps[sg]
     rep_base = np.concatenate([[0], np.cumsum(n_rep)])
-    rep_id = rep_base[step_of_pack] + (np.arange(P) - spo[step_of_pack]) // smb[step_of_pack]
+    rep_id = rep_base[step_of_pack] + wl.pack_replica
     R = int(rep_base[-1])
     rep_comp = np.bincount(rep_id, t_comp, minlength=R)
     rep_comm = np.bincount(rep_id, t_comm, minlength=R)

@@ -11,7 +11,13 @@
 No Megatron import here: ``megatron_hbp.mcore`` calls these. See docs/cp.md.
 """
 
-from megatron_hbp.cp.attention import cp_attention, cp_attention_local, gather_from_cp, varlen_attn_available
+from megatron_hbp.cp.attention import (
+    auto_attention_backend,
+    cp_attention,
+    cp_attention_local,
+    gather_from_cp,
+    varlen_attn_available,
+)
 from megatron_hbp.cp.comm import cp_comm_bytes
 from megatron_hbp.cp.groups import CPGroups, build_cp_groups, cp_group_ranks, dp_cp_group_ranks
 from megatron_hbp.cp.sharding import (
@@ -30,6 +36,7 @@ from megatron_hbp.cp.ulysses import (
 
 __all__ = [
     "CPGroups",
+    "auto_attention_backend",
     "build_cp_groups",
     "check_ulysses_heads",
     "kv_heads_per_rank",

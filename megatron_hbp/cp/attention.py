@@ -39,7 +39,13 @@ import torch.nn.functional as F
 
 from megatron_hbp.cp.sharding import _as_tuple, _check_real, _unshard_perm_cpu, validate_cp_layout
 
-__all__ = ["cp_attention", "cp_attention_local", "gather_from_cp", "varlen_attn_available"]
+__all__ = [
+    "auto_attention_backend",
+    "cp_attention",
+    "cp_attention_local",
+    "gather_from_cp",
+    "varlen_attn_available",
+]
 
 _BACKENDS = ("auto", "sdpa", "varlen")
 
@@ -289,12 +295,30 @@ def _varlen_bottom_right_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def auto_attention_backend(
+    *, on_cuda: bool, half: bool, varlen_available: bool, te_available: bool = False
+) -> str:
+    """The one ``auto`` attention rule, for the trainer's attention without CP
+    (``megatron_hbp.mcore.attention.resolve_backend``) and for this package's CP attention: Transformer
+    Engine, then varlen flash attention, only on CUDA with fp16/bf16 activations (both are flash
+    kernels without fp32 support), else SDPA (exact, any device and dtype). The CP attention passes
+    ``te_available=False``: Transformer Engine's own CP attention is not used."""
+    if on_cuda and half and te_available:
+        return "te"
+    if on_cuda and half and varlen_available:
+        return "varlen"
+    return "sdpa"
+
+
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_fn() is not None
-        return "varlen" if ok and _varlen_bottom_right_ok(q.device, q.dtype) else "sdpa"
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        varlen = (
+            q.is_cuda and half and _varlen_fn() is not None and _varlen_bottom_right_ok(q.device, q.dtype)
+        )
+        return auto_attention_backend(on_cuda=q.is_cuda, half=half, varlen_available=varlen)
     if backend == "varlen":
         if _varlen_fn() is None:
             raise RuntimeError("backend='varlen' needs torch.nn.attention.varlen (torch >= 2.11); use 'sdpa'")

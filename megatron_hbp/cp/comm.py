@@ -14,6 +14,8 @@ Single-rank groups (c = 1) send nothing — the communication HBP saves for shor
 
 from __future__ import annotations
 
+from megatron_hbp.planner.workload import cp_comm_bytes as _workload_cp_comm_bytes
+
 __all__ = ["cp_comm_bytes"]
 
 
@@ -58,10 +60,11 @@ def cp_comm_bytes(
         raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
     if cp_size > 1 and num_tokens % cp_size:
         raise ValueError(f"num_tokens {num_tokens} is not divisible by cp_size {cp_size}")
-    if cp_size == 1:
-        return 0
-    block = 2 * (num_tokens // cp_size) * num_kv_heads * head_dim * dtype_bytes
-    # backward: the forward kept only the local K/V, so K/V are all-gathered again, then dK/dV
-    # reduce-scattered (2 collectives per layer)
-    passes = num_layers + min(recompute_layers, num_layers) + (2 * num_layers if backward else 0)
-    return (cp_size - 1) * block * passes
+    # the one formula (NumPy, vectorised): megatron_hbp.planner.workload.cp_comm_bytes
+    return int(
+        _workload_cp_comm_bytes(
+            num_tokens, cp_size, cp_impl="allgather", num_heads=num_kv_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, num_layers=num_layers, recompute_layers=recompute_layers,
+            dtype_bytes=dtype_bytes, backward=backward,
+        )
+    )  # fmt: skip

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from megatron_hbp.cp.attention import _check_qkv, _pick_backend, _varlen_fn, _varlen_has_gqa
 from megatron_hbp.cp.sharding import _as_tuple, _check_real, _unshard_perm_cpu, validate_cp_layout
 from megatron_hbp.headlayout import check_ulysses_heads, kv_heads_per_rank
+from megatron_hbp.planner.workload import cp_comm_bytes as _workload_cp_comm_bytes
 
 __all__ = [
     "check_ulysses_heads",
@@ -77,17 +78,14 @@ def ulysses_comm_bytes(
     rank; ``m`` = K/V heads per rank, :func:`kv_heads_per_rank`) and the output back (``T/c · H d``).
     Backward: the same volumes for dOut and dq|dk|dv. A recomputed layer repeats its forward.
     """
-    if cp_size == 1:
-        return 0
-    if num_tokens % cp_size:
-        raise ValueError(f"num_tokens {num_tokens} is not divisible by cp_size {cp_size}")
-    m = len(kv_heads_per_rank(num_heads, num_kv_heads, cp_size)[0])
-    local = num_tokens // cp_size
-    fwd = (num_heads + 2 * m * cp_size + num_heads) * head_dim * local * (cp_size - 1) // cp_size
-    passes = (num_layers + min(recompute_layers, num_layers)) * fwd
-    if backward:
-        passes += num_layers * fwd
-    return passes * dtype_bytes
+    # the one formula (NumPy, vectorised): megatron_hbp.planner.workload.cp_comm_bytes
+    return int(
+        _workload_cp_comm_bytes(
+            num_tokens, cp_size, cp_impl="ulysses", num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, num_layers=num_layers, recompute_layers=recompute_layers,
+            dtype_bytes=dtype_bytes, backward=backward,
+        )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

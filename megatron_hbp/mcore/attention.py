@@ -125,19 +125,19 @@ def resolve_backend(
     """The attention backend rule, as a pure function of the environment (testable without CUDA).
 
     ``auto`` picks ``te``, then ``varlen``, only on CUDA with fp16/bf16 activations (both are
-    flash/fused kernels without fp32 support; the same rule as ``megatron_hbp.cp.attention``'s
-    ``auto``), else ``sdpa``. An explicit ``te``/``varlen`` the environment cannot run is a
+    flash/fused kernels without fp32 support), else ``sdpa``: the one rule,
+    ``megatron_hbp.cp.auto_attention_backend`` (through ``cp_seam``), which CP steps use too. An explicit ``te``/``varlen`` the environment cannot run is a
     ``ValueError`` naming the fix. ``dtype=None`` (unknown) skips the dtype condition.
     """
     if requested not in BACKENDS:
         raise ValueError(f"attention backend '{requested}' unknown; choose one of {', '.join(BACKENDS)}")
     half = dtype is None or dtype in HALF_DTYPES
     if requested == "auto":
-        if on_cuda and half and te_available:
-            return "te"
-        if on_cuda and half and varlen_available:
-            return "varlen"
-        return "sdpa"
+        from megatron_hbp.mcore.cp_seam import auto_attention_backend
+
+        return auto_attention_backend(
+            on_cuda=on_cuda, half=half, varlen_available=varlen_available, te_available=te_available
+        )
     if requested == "te" and not (on_cuda and te_available):
         raise ValueError("attention backend 'te' needs CUDA and transformer_engine; use 'varlen' or 'sdpa'")
     if requested == "varlen" and not (on_cuda and varlen_available):

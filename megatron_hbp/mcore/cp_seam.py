@@ -39,6 +39,14 @@ def shard_for_cp(tensor, cu_seqlens_padded, cp_size: int, cp_rank: int):
     return _shard(tensor, cu_seqlens_padded, cp_size, cp_rank)
 
 
+def auto_attention_backend(*, on_cuda: bool, half: bool, varlen_available: bool, te_available: bool) -> str:
+    """``megatron_hbp.cp.auto_attention_backend``: the one ``auto`` attention rule, shared by the
+    trainer's attention without CP (``mcore.attention.resolve_backend``) and the CP attention."""
+    from megatron_hbp.cp.attention import auto_attention_backend as _auto
+
+    return _auto(on_cuda=on_cuda, half=half, varlen_available=varlen_available, te_available=te_available)
+
+
 _TE_NOTICE_SHOWN = False
 
 

@@ -35,13 +35,6 @@ class WorkItem:
     cp_rank: int
 
 
-def replicas_per_rank(plan_world: int, dp_size: int) -> int:
-    """How many of the plan's replicas of a step each rank runs: 1, or ``k`` when the launch has
-    ``k`` times fewer data x context ranks than the plan (gradient accumulation of the missing
-    replicas inside the same step)."""
-    return plan_world // dp_size
-
-
 def rank_work_items(
     plan, dp_rank: int, start_step: int = 0, end_step: int | None = None, dp_size: int | None = None
 ) -> list[WorkItem]:
@@ -53,21 +46,18 @@ def rank_work_items(
     """
     end_step = plan.num_steps if end_step is None else min(end_step, plan.num_steps)
     dp_size = plan.world_size if dp_size is None else dp_size
-    k = replicas_per_rank(plan.world_size, dp_size)
+    wl = plan.workload  # the rank's packs, CP degree and padded lengths, derived once from the plan
+    a = plan.arrays
+    poff = np.asarray(a["pack_offsets"], dtype=np.int64)
+    base = int(poff[0])
     items = []
     for s in range(start_step, end_step):
-        step = plan.step(s)
-        cp = int(step.cp)
-        mbs = [mb for j in range(k) for mb in step.replica(dp_rank // cp + j * (dp_size // cp)).micro_batches]
-        for m, mb in enumerate(mbs):
-            packs = list(mb.packs)
-            if packs:
-                idx = np.concatenate([np.asarray(p.sample_indices, np.int64) for p in packs])
-                pad = np.concatenate([np.asarray(p.padded_lengths, np.int32) for p in packs])
-                lens = np.concatenate([np.asarray(p.lengths, np.int32) for p in packs])
-            else:
-                idx = np.zeros(0, np.int64)
-                pad = lens = np.zeros(0, np.int32)
+        cp = int(wl.step_cp[s])
+        for m, p in enumerate(wl.rank_packs(s, dp_rank, dp_size).tolist()):
+            s0, s1 = int(poff[p]), int(poff[p + 1])
+            idx = np.asarray(a["samples"][s0:s1], np.int64)
+            pad = np.asarray(wl.padded_lengths[s0 - base : s1 - base], np.int32)
+            lens = np.asarray(a["lengths"][s0:s1], np.int32)
             items.append(WorkItem(s, m, idx, pad, lens, cp, dp_rank % cp))
     return items
 

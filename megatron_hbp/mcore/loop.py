@@ -21,13 +21,14 @@ from megatron_hbp.mcore.config import TrainConfig
 from megatron_hbp.mcore.data import make_loader, rank_work_items
 from megatron_hbp.mcore.launch import _use_bf16, init_distributed
 from megatron_hbp.mcore.loss import resolve_loss_impl
-from megatron_hbp.mcore.metrics import MetricsLogger, peak_tflops
+from megatron_hbp.mcore.metrics import MetricsLogger, peak_tflops, step_rank_work
 from megatron_hbp.mcore.model import set_recompute
 from megatron_hbp.mcore.parallel import ParallelGroups, init_model_parallel
 from megatron_hbp.mcore.preemption import Preempted, PreemptionWatcher
 from megatron_hbp.mcore.preflight import Prepared, _check_first_samples, preflight
-from megatron_hbp.mcore.step import StepRunner, check_loss_tokens, gather_step_stats
-from megatron_hbp.mcore.step_log import add_gpu_fields, print_start_banner, step_cp_comm_bytes, step_record
+from megatron_hbp.mcore.step import StepRunner, check_denominator
+from megatron_hbp.mcore.step_log import add_gpu_fields, print_start_banner, step_record
+from megatron_hbp.planner.workload import step_denominators
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Trainer:
     batches: object
     """Iterator over this rank's host micro-batches, in plan order from ``start``."""
     logger: MetricsLogger
+    denominators: object
+    """Megatron's all-reduced loss denominator of every plan step, from the plan
+    (``planner.workload.step_denominators``; checked each step)."""
 
 
 def _release_previous_run() -> None:
@@ -123,7 +127,10 @@ def setup(cfg: TrainConfig, *, on_grads=None) -> Trainer:
     print_start_banner(
         cfg, prep, groups, bf16=bf16, loss_impl=loss_impl, layer_kernels=layer_kernels, start=start, end=end
     )
-    return Trainer(cfg, prep, groups, device, bf16, runner, meta, start, end, batches, logger)
+    denoms = step_denominators(
+        plan.arrays, plan.workload, cfg.loss_normalization, prep.sample_info.loss_tokens
+    )
+    return Trainer(cfg, prep, groups, device, bf16, runner, meta, start, end, batches, logger, denoms)
 
 
 def train_one_step(t: Trainer, s: int, peak: float | None) -> dict:
@@ -134,11 +141,11 @@ def train_one_step(t: Trainer, s: int, peak: float | None) -> dict:
     n_mb = int(step.micro_batches_per_replica) * (prep.plan.world_size // prep.dp_size)  # replicas per rank
     host_batches = [next(t.batches) for _ in range(n_mb)]
     result = t.runner.run(s, int(step.cp), host_batches)
-    loss_tokens_total, pairs_per_rank = gather_step_stats(
-        host_batches, t.groups, t.device, cp_impl=prep.cp_impl
-    )
-    check_loss_tokens(cfg, s, step, loss_tokens_total, result.denominator)
-    comm = step_cp_comm_bytes(host_batches, step, prep.model_cfg, t.groups, cp_impl=prep.cp_impl, bf16=t.bf16)
+    check_denominator(cfg, s, t.groups.rank, result.denominator, t.denominators[s])
+    pairs_per_rank, comm = step_rank_work(  # from the plan's workload: no recount, no collective
+        prep.plan.workload, s, dp_rank=t.groups.dp_rank, dp_size=prep.dp_size, cp_impl=prep.cp_impl,
+        model_cfg=prep.model_cfg, tp=t.groups.tp, pp=t.groups.pp, dtype_bytes=2 if t.bf16 else 4,
+    )  # fmt: skip
     rec = step_record(s, step, result, pairs_per_rank, comm, n_mb=n_mb, cp_impl=prep.cp_impl)
     add_gpu_fields(rec, prep.model_cfg, peak=peak, world=t.groups.world)
     t.logger.log(rec, console=(s - t.start) % cfg.log_interval == 0 or s == t.end - 1)

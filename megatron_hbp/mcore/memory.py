@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from dataclasses import replace as _replace
 
-import numpy as np
 import torch
 
 from megatron_hbp.costmodel import CostModel, TrainingSetup
@@ -74,22 +73,6 @@ def trainer_cost_model(
     return CostModel(stage, hardware or "h100_sxm", num_gpus=world // pp, setup=setup)
 
 
-def group_sum_sq_lengths(plan) -> np.ndarray:
-    """``[G] float64``: per plan group, the largest sum of squared real document lengths of one pack
-    (what the math attention backend keeps per layer is proportional to it)."""
-    a = plan.arrays
-    po = np.asarray(a["pack_offsets"], dtype=np.int64)
-    lens = np.asarray(a["lengths"], dtype=np.float64)
-    per_pack = np.bincount(
-        np.repeat(np.arange(len(po) - 1), np.diff(po)), weights=lens**2, minlength=len(po) - 1
-    )
-    spo = np.asarray(a["step_pack_offsets"], dtype=np.int64)
-    pack_group = np.repeat(np.asarray(a["step_group"], dtype=np.int64), np.diff(spo))
-    out = np.zeros(len(plan.groups))
-    np.maximum.at(out, pack_group, per_pack[: len(pack_group)])
-    return out
-
-
 def hardware_for_device(device_name: str, limit_bytes: float):
     """Cost-model hardware profile of a GPU called ``device_name`` (``torch.cuda.get_device_name``).
 
@@ -147,7 +130,7 @@ def memory_verdicts(cm, plan, limit_bytes: float, *, pp: int = 1) -> list[GroupM
     limit is ``refused``; one that only the reserve (CUDA context, NCCL buffers, fragmentation: an
     estimate calibrated on the paper's TE path) tips over is a ``warning``."""
     out: list[GroupMemory] = []
-    sq = group_sum_sq_lengths(plan) if cm.setup.attention_impl == "math" else None
+    sq = plan.workload.group_max_sum_sq(plan.arrays["step_group"], len(plan.groups))  # largest Σl² of a pack
     L = cm.model.num_layers
     for i, g in enumerate(plan.groups):
         k = min(int(g.recompute_layers), L)

@@ -4,9 +4,10 @@ Each JSONL record (rank 0 writes): ``step`` (plan step index, 0-based), ``group`
 ``recompute_layers``, ``loss``, ``grad_norm``, ``lr``, ``tokens`` (real tokens of the step,
 all ranks), ``loss_tokens`` (plan count), ``micro_batches`` (per replica), ``step_time_s``,
 ``tokens_per_s``, ``attn_pairs_per_rank`` (causal (q, k) pairs each data x context rank
-computed this step, ``megatron_hbp.kernels.attention_cost``), ``attn_imbalance``
-(max / mean of those), ``cp_comm_bytes_per_rank`` (bytes one rank sends for CP attention this
-step, ``megatron_hbp.cp.cp_comm_bytes``; 0 for CP 1 steps), ``update_ok``, and on GPU
+computed this step, in units of all heads, from the plan: ``Plan.workload.entry_pairs(cp_impl)``),
+``attn_imbalance`` (max / mean of those), ``cp_comm_bytes_per_rank`` (bytes the logging rank
+sends for CP attention this step, ``megatron_hbp.planner.workload.cp_comm_bytes``; 0 for CP 1
+steps), ``update_ok``, and on GPU
 ``peak_mem_gb`` and ``mfu``.
 """
 
@@ -19,22 +20,39 @@ import numpy as np
 import torch
 
 from megatron_hbp.costmodel.hardware import hardware_for_device_name
-from megatron_hbp.kernels import attention_cost, attention_pairs_to_flops
+from megatron_hbp.kernels import attention_pairs_to_flops
 
 
-def rank_attention_pairs(batches, cp_impl: str = "allgather") -> float:
-    """Causal (query, key) pairs this rank computes for its micro-batches of one step, in units of
-    all heads (``megatron_hbp.kernels.attention_cost``): exact per zigzag CP rank for the all-gather
-    scheme; for Ulysses (every rank: whole documents on H / c heads) the pack's total / c."""
-    total = 0.0
-    for b in batches:
-        lengths = torch.tensor(b.lengths, dtype=torch.int64)
-        offsets = torch.tensor([0, len(b.lengths)], dtype=torch.int64)
-        if b.cp > 1 and cp_impl == "ulysses":
-            total += int(attention_cost(lengths, offsets, 1, backend="torch")[0, 0]) / b.cp
-        else:
-            total += int(attention_cost(lengths, offsets, b.cp, backend="torch")[0, b.cp_rank])
-    return total
+def step_rank_work(
+    workload,
+    step: int,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    cp_impl: str,
+    model_cfg,
+    tp: int = 1,
+    pp: int = 1,
+    dtype_bytes: int = 2,
+) -> tuple[list[float], int]:
+    """From the plan's workload (``Plan.workload``, no recount, no collective): the causal pairs of
+    every data x context rank of the launch in ``step`` (``attn_pairs_per_rank``) and the bytes
+    rank ``dp_rank`` sends for CP attention in it (``cp_comm_bytes_per_rank``)."""
+    from megatron_hbp.planner.workload import cp_comm_bytes
+
+    pairs = workload.rank_values(workload.entry_pairs(cp_impl), step, dp_size).tolist()
+    cp = int(workload.step_cp[step])
+    comm = 0
+    if cp > 1:
+        tokens = workload.pack_padded_tokens[workload.rank_packs(step, dp_rank, dp_size)]
+        per_mb = cp_comm_bytes(
+            tokens, cp, cp_impl=cp_impl, num_heads=model_cfg.num_attention_heads // tp,
+            num_kv_heads=model_cfg.num_query_groups // tp, head_dim=model_cfg.head_dim,
+            num_layers=model_cfg.num_layers // pp, recompute_layers=int(workload.step_recompute_layers[step]),
+            dtype_bytes=dtype_bytes,
+        )  # fmt: skip
+        comm = int(per_mb.sum())
+    return pairs, comm
 
 
 def peak_tflops(device_name: str | None = None) -> float | None:

@@ -1,7 +1,7 @@
 """One plan step: Megatron's forward/backward over this rank's micro-batches with the stable
 loss, gradient reduction over all data x context ranks (Megatron DDP), clipping, the Adam
-step and the schedule step; then the step's world-wide statistics and the check that the
-micro-batches hold the plan's loss tokens.
+step and the schedule step; the checks that the step's CP group has the plan's degree and
+that Megatron's loss denominator equals the plan's (``planner.workload.step_denominators``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_hbp.mcore.batch import to_model_inputs
 from megatron_hbp.mcore.loss import forward_step, reduce_reports
-from megatron_hbp.mcore.metrics import rank_attention_pairs
 from megatron_hbp.mcore.parallel import ParallelGroups
 
 
@@ -72,6 +71,7 @@ class StepRunner:
         """Forward/backward of ``host_batches`` (plan step ``s``, CP degree ``cp``), then the update."""
         model, optimizer = self.model, self.optimizer
         cp_group = self.groups.cp_group(cp)
+        check_step_cp(s, self.groups.rank, cp_group, cp, host_batches)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
@@ -100,42 +100,23 @@ class StepRunner:
         return StepResult(loss, denom, grad_norm, bool(ok), lr_applied, dt)
 
 
-def gather_step_stats(
-    host_batches, groups: ParallelGroups, device, *, cp_impl: str
-) -> tuple[int, list[float]]:
-    """``(loss tokens of the step, attention pairs per data x context rank)`` from one world all-gather."""
-    local_loss_tokens = sum(b.local_loss_tokens for b in host_batches)
-    pairs = rank_attention_pairs(host_batches, cp_impl)
-    stats = torch.tensor([local_loss_tokens, pairs], dtype=torch.float64, device=device)
-    gathered = [torch.zeros_like(stats) for _ in range(groups.world)]
-    torch.distributed.all_gather(gathered, stats)
-    loss_tokens_total = int(sum(x[0] for x in gathered_unique(gathered, groups.tp, groups.pp)))
-    pairs_per_rank = [float(x[1]) for x in gathered_unique(gathered, groups.tp, groups.pp)]
-    return loss_tokens_total, pairs_per_rank
-
-
-def check_loss_tokens(cfg, s: int, step, loss_tokens_total: int, denominator: float) -> None:
-    """The step's micro-batches (and Megatron's denominator) must hold the plan's loss tokens."""
-    if not cfg.check_loss_tokens:
-        return
-    if loss_tokens_total != int(step.loss_tokens):
+def check_step_cp(s: int, rank: int, cp_group, cp: int, host_batches) -> None:
+    """The step's CP group and its micro-batches must have the plan's CP degree ``cp``."""
+    group_cp = cp_group.size() if cp_group is not None else 1
+    if group_cp != cp or any(int(b.cp) != cp for b in host_batches):
         raise RuntimeError(
-            f"plan step {s}: the micro-batches hold {loss_tokens_total} loss tokens but the plan says "
-            f"{int(step.loss_tokens)}; the plan or sample info does not match the data (rebuild both)"
-        )
-    if cfg.loss_normalization == "step_token_mean" and int(round(denominator)) != int(step.loss_tokens):
-        raise RuntimeError(
-            f"plan step {s}: Megatron's all-reduced token count {denominator} differs from the plan's "
-            f"{int(step.loss_tokens)}"
+            f"plan step {s}, rank {rank}: the step's CP group has {group_cp} ranks and its micro-batches cp "
+            f"{sorted({int(b.cp) for b in host_batches})}, but the plan's work item says cp {cp}; the data "
+            "loader or the CP groups do not follow the plan (restart with the plan the run was started with)"
         )
 
 
-def gathered_unique(gathered: list[torch.Tensor], tp: int, pp: int) -> list[list[float]]:
-    """One entry per data x context rank from a world all-gather (TP/PP copies dropped).
-
-    Megatron's default order puts TP innermost, then DP, then PP: the ranks with tp_rank 0
-    of the first pipeline stage are ``0, tp, 2·tp, ...`` up to ``dp·tp``.
-    """
-    world = len(gathered)
-    dp = world // (tp * pp)
-    return [gathered[i * tp].tolist() for i in range(dp)]
+def check_denominator(cfg, s: int, rank: int, denominator: float, plan_denominator: int) -> None:
+    """Megatron's all-reduced loss denominator of step ``s`` must equal the plan's
+    (``planner.workload.step_denominators``): the stable-loss proof, with no extra collective."""
+    if cfg.check_loss_tokens and int(round(denominator)) != int(plan_denominator):
+        raise RuntimeError(
+            f"plan step {s}, rank {rank}: Megatron's all-reduced loss denominator {denominator} differs from the "
+            f"plan's {int(plan_denominator)} ({cfg.loss_normalization}); the plan or sample info does not match "
+            "the data (rebuild both)"
+        )

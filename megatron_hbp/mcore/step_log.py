@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_hbp.cp import cp_comm_bytes, ulysses_comm_bytes
 from megatron_hbp.mcore.metrics import model_flops
 
 
@@ -32,26 +31,6 @@ def print_start_banner(
             f"[hbp] CP attention: {prep.cp_impl} (cp_backend {cfg.cp_backend}: {prep.cp_impl_why})",
             flush=True,
         )
-
-
-def step_cp_comm_bytes(host_batches, step, model_cfg, groups, *, cp_impl: str, bf16: bool) -> int:
-    """Bytes this rank sends for CP attention in one step (forward, backward and recompute)."""
-    cp = int(step.cp)
-    comm = 0
-    if cp > 1:
-        mc = model_cfg
-        tp, pp = groups.tp, groups.pp
-        for b in host_batches:
-            kw = dict(
-                num_layers=mc.num_layers // pp, recompute_layers=int(step.recompute_layers),
-                dtype_bytes=2 if bf16 else 4,
-            )  # fmt: skip
-            n_tok, hkv = int(sum(b.padded_lengths)), mc.num_query_groups // tp
-            if cp_impl == "ulysses":
-                comm += ulysses_comm_bytes(n_tok, mc.num_attention_heads // tp, hkv, mc.head_dim, cp, **kw)
-            else:
-                comm += cp_comm_bytes(n_tok, hkv, mc.head_dim, cp, **kw)
-    return comm
 
 
 def step_record(

@@ -47,7 +47,6 @@ from megatron_hbp.mcore.memory import (
     _device_memory_limit,
     _rmsnorm_fused,
     check_memory,
-    group_sum_sq_lengths,
     hardware_for_device,
     memory_verdicts,
     trainer_cost_model,
@@ -61,7 +60,6 @@ from megatron_hbp.mcore.preflight import (
     _fewer_ranks_hint,
     preflight,
 )
-from megatron_hbp.mcore.step import gathered_unique
 
 __all__ = [
     "GroupMemory",
@@ -83,8 +81,6 @@ __all__ = [
     "check_memory",
     "config_from_args",
     "dist_env",
-    "gathered_unique",
-    "group_sum_sq_lengths",
     "hardware_for_device",
     "init_dir_files",
     "init_distributed",

@@ -34,6 +34,7 @@ from megatron_hbp.planner.packing import (
     stable_argsort_int,
 )
 from megatron_hbp.planner.plan import DROP_REASONS, Plan, lengths_digest
+from megatron_hbp.planner.workload import pack_sums
 
 TOO_LONG = DROP_REASONS.index("too_long")
 PARTIAL = DROP_REASONS.index("partial_step")
@@ -205,10 +206,7 @@ def _plan_epoch(lengths, loss_tokens, gid, config: PlanConfig, epoch: int, timer
         off = np.zeros(nb + 1, dtype=np.int64)
         np.cumsum(counts, out=off[1:])
         pack_of = np.repeat(np.arange(nb), counts)
-        sl = lengths[samp].astype(np.float64)
-        pad = np.bincount(pack_of, weights=cp_padded(lengths[samp], grp.cp), minlength=nb).astype(np.int64)
-        attn = np.bincount(pack_of, weights=sl * sl, minlength=nb).astype(np.int64)
-        loss = np.bincount(pack_of, weights=loss_tokens[samp], minlength=nb).astype(np.int64)
+        pad, attn, loss = pack_sums(lengths[samp], loss_tokens[samp], pack_of, nb, grp.cp)
         timer.lap("packing")
 
         # Last partial step (q packs beyond whole steps). "shrink" (default): one more step with

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from megatron_hbp.planner.cost import zigzag_attention_cost_flat
 from megatron_hbp.planner.plan import DROP_REASONS, Plan
 
 
@@ -46,19 +45,14 @@ def step_metrics(plan: Plan) -> dict[str, np.ndarray]:
     R = plan.world_size // cp
     m = a["step_micro_batches"].astype(np.int64)
     spo = a["step_pack_offsets"]
-    poff = a["pack_offsets"]
-    P = len(poff) - 1
     npk = np.diff(spo)
-    pack_of = np.repeat(np.arange(P, dtype=np.int64), np.diff(poff))
-    lf = a["lengths"].astype(np.float64)
-    tok_p = np.bincount(pack_of, weights=lf, minlength=P)
-    attn_p = np.bincount(pack_of, weights=lf * lf, minlength=P)
-    del pack_of
-    step_of_pack = np.repeat(np.arange(S, dtype=np.int64), npk)
-    local = np.arange(P, dtype=np.int64) - spo[:-1][step_of_pack]
+    wl = plan.workload
+    tok_p = wl.pack_tokens.astype(np.float64)
+    attn_p = wl.pack_sum_sq.astype(np.float64)
+    step_of_pack = wl.pack_step
     rep_off = np.zeros(S + 1, dtype=np.int64)
     np.cumsum(R, out=rep_off[1:])
-    rep = rep_off[:-1][step_of_pack] + local // m[step_of_pack]
+    rep = rep_off[:-1][step_of_pack] + wl.pack_replica
     nrep = int(rep_off[-1])
     T = np.bincount(rep, weights=tok_p, minlength=nrep)
     A = np.bincount(rep, weights=attn_p, minlength=nrep)
@@ -79,7 +73,7 @@ def step_metrics(plan: Plan) -> dict[str, np.ndarray]:
     out["ave_tokens"] = Tsum / plan.world_size
     out["cp"] = cp
     # slot balance: group packs by (step, slot k)
-    slot = local % m[step_of_pack]
+    slot = wl.pack_micro_batch
     slot_off = np.zeros(S + 1, dtype=np.int64)
     np.cumsum(m, out=slot_off[1:])
     slot_id = slot_off[:-1][step_of_pack] + slot
@@ -96,30 +90,25 @@ def step_metrics(plan: Plan) -> dict[str, np.ndarray]:
 
 
 def cp_rank_balance(plan: Plan) -> dict[int, float]:
-    """Per CP group index: mean over replicas of (max rank / mean rank) zigzag causal pairs."""
-    a = plan.arrays
+    """Per CP group index: mean over replicas of (max rank / mean rank) zigzag causal pairs
+    (``plan.workload.entry_zigzag_pairs`` summed over each replica's micro-batches)."""
+    wl = plan.workload
+    sg = plan.arrays["step_group"].astype(np.int64)
+    pack_group = sg[wl.pack_step]
     res = {}
-    sg = a["step_group"]
-    spo = a["step_pack_offsets"]
-    poff = a["pack_offsets"]
     for gi, g in enumerate(plan.groups):
         if g.cp == 1:
             continue
-        steps = np.nonzero(sg == gi)[0]
-        if len(steps) == 0:
+        packs = np.nonzero(pack_group == gi)[0]  # step order, replica-major inside a step
+        if len(packs) == 0:
             continue
-        vals = []
-        for s in steps:  # per step: packs [p0,p1), replica-major with m micro-batches
-            p0, p1 = int(spo[s]), int(spo[s + 1])
-            m = int(a["step_micro_batches"][s])
-            c = zigzag_attention_cost_flat(
-                a["lengths"][poff[p0] : poff[p1]], poff[p0 : p1 + 1] - poff[p0], g.cp
-            )
-            per_rep = c.reshape(-1, m, g.cp).sum(axis=1).astype(np.float64)
-            mean = per_rep.mean(axis=1)
-            ok = mean > 0
-            vals.append(per_rep.max(axis=1)[ok] / mean[ok])
-        v = np.concatenate(vals)
+        c = wl.entry_zigzag_pairs[(wl.entry_offsets[packs][:, None] + np.arange(g.cp)[None, :]).reshape(-1)]
+        c = c.reshape(-1, g.cp)
+        rep_start = np.nonzero(wl.pack_micro_batch[packs] == 0)[0]  # first pack of each replica
+        per_rep = np.add.reduceat(c, rep_start, axis=0).astype(np.float64)
+        mean = per_rep.mean(axis=1)
+        ok = mean > 0
+        v = per_rep.max(axis=1)[ok] / mean[ok]
         res[gi] = float(v.mean()) if len(v) else 1.0
     return res
 

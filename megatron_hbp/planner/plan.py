@@ -14,6 +14,10 @@ Array layout (``P`` packs, ``S`` steps, ``M`` placed samples, ``D`` dropped reco
   ``step_loss_tokens [S]`` int64.
 - ``dropped_indices [D]`` int64, ``dropped_reasons [D]`` int8 (index into ``DROP_REASONS``),
   ``dropped_epochs [D]`` int32.
+
+``Plan.workload`` (``megatron_hbp.planner.workload``) is each rank's share of every step (CP
+degree and rank, padded lengths, loss tokens, Σl², attention pairs), derived once from these
+arrays on first use; everything downstream reads it instead of recounting.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 
 from megatron_hbp.configio import from_dict, to_dict
 from megatron_hbp.planner.config import GroupConfig, PlanConfig
-from megatron_hbp.planner.packing import cp_padded
+from megatron_hbp.planner.workload import Workload, derive_workload
 
 PLAN_FORMAT = "megatron-hbp-plan"
 PLAN_VERSION = 1
@@ -136,15 +140,15 @@ class Step:
         self.loss_tokens = int(a["step_loss_tokens"][index])
         self._p0 = int(a["step_pack_offsets"][index])
         self._p1 = int(a["step_pack_offsets"][index + 1])
-        off = a["pack_offsets"]
-        self.num_tokens = int(a["lengths"][off[self._p0] : off[self._p1]].sum(dtype=np.int64))
+        self.num_tokens = int(plan.workload.step_tokens[index])
 
     def pack(self, p: int) -> Pack:
         """Pack ``p`` of the whole plan (must belong to this step) as an object."""
         a = self._plan.arrays
         s0, s1 = int(a["pack_offsets"][p]), int(a["pack_offsets"][p + 1])
         lens = a["lengths"][s0:s1].astype(np.int32)
-        padded = cp_padded(lens, self.cp).astype(np.int32)
+        base = int(a["pack_offsets"][0])
+        padded = self._plan.workload.padded_lengths[s0 - base : s1 - base]
         cu = np.zeros(len(lens) + 1, dtype=np.int32)
         np.cumsum(lens, out=cu[1:])
         cup = np.zeros(len(lens) + 1, dtype=np.int32)
@@ -253,6 +257,16 @@ class Plan:
 
     def __len__(self) -> int:
         return self.num_steps
+
+    @cached_property
+    def workload(self) -> Workload:
+        """Each rank's share of every step (``megatron_hbp.planner.workload``), derived once."""
+        return derive_workload(
+            self.arrays,
+            [g.cp for g in self.config.groups],
+            [g.recompute_layers for g in self.config.groups],
+            self.world_size,
+        )
 
     def step(self, i: int) -> Step:
         """Step ``i`` (0-based, training order); negative indices count from the end."""
