@@ -1,36 +1,43 @@
-"""Checkpoints: per-rank weights-only ``torch.save`` files in atomic step folders with a manifest.
+"""Checkpoints: Megatron ``dist_checkpointing`` (torch_dist) in atomic step folders with a manifest.
 
-Layout::
+Layout (``checkpoint.format: torch_dist``, the default)::
 
-    <dir>/step_<N>/rank_<RRRRR>.pt        this rank's model, optimizer, scheduler and RNG states
-    <dir>/step_<N>/dist_opt_tp<T>_pp<P>.pt   sharded Adam states (distributed optimizer only)
-    <dir>/step_<N>/meta.json              plan hash, model config, layout, CP backend, steps done
-    <dir>/step_<N>/manifest.json          format, steps done, meta, each file's size and sha256
-    <dir>/latest                          ``step_<N>`` of the newest complete save
+    <dir>/step_<N>/dist/                   Megatron torch_dist folder: model + optimizer state
+    <dir>/step_<N>/dist/.metadata            (DCP metadata), __<r>_0.distcp (data), metadata.json
+    <dir>/step_<N>/rank_<RRRRR>.pt         this rank's scheduler and RNG states (weights-only)
+    <dir>/step_<N>/meta.json               plan hash, model config, layout, CP backend, steps done
+    <dir>/step_<N>/manifest.json           format, steps done, meta, each file's size and sha256
+    <dir>/latest                           ``step_<N>`` of the newest complete save
 
 ``N`` is the number of plan steps done, so a resume continues with plan step ``N`` (the data
 position follows from it: every rank's micro-batches are a function of the plan and the step).
+The model is ``GPTModel.sharded_state_dict()``; the optimizer ``optimizer.sharded_state_dict()``,
+for Megatron's distributed optimizer in its ``fully_reshardable`` form (``mcore.dist_ckpt``), so
+one checkpoint loads at another TP size and on fewer data-parallel ranks, with either optimizer
+setting it was saved with.
 
 A save writes ``step_<N>.tmp``, fsyncs every file, gathers the ranks' sizes and checksums into
 the manifest, renames the folder and then replaces ``latest`` (``megatron_hbp.checkpoint_files``),
 so a job killed during a save leaves only a ``.tmp`` folder that ``--load DIR`` skips with a
-warning. ``--load DIR`` takes the newest step folder whose files all match the manifest (the
-ranks share the checksum work); ``--load DIR/step_<N>`` uses that folder or names its bad file.
+warning. With ``checkpoint.async_save`` the torch_dist files are written by a background process
+and the manifest / rename / ``latest`` happen only after every rank's write finished
+(:func:`poll_saves`, :func:`wait_for_saves`). ``--load DIR`` takes the newest step folder whose
+files all match the manifest (the ranks share the checksum work); ``--load DIR/step_<N>`` uses
+that folder or names its bad file.
 
-Every file is read weights-only (``torch.load(weights_only=True)``): tensors, numbers, strings
-and plain containers. The RNG states are stored as tensors and tuples (no NumPy objects) for
-that reason; a file carrying any other pickled object is refused before anything in it runs.
+Nothing is unpickled with code execution: our files are read weights-only
+(``torch.load(weights_only=True)``); the torch_dist folder's ``.metadata`` goes through a
+restricted unpickler and its pickled objects are read weights-only before Megatron sees the
+folder (``checkpoint_files.check_dcp_folder``); a file naming any other object is refused.
 
-Megatron's distributed checkpointing (``torch_dist``) is not used yet: besides
-``sharded_state_dict`` support in every module, its reader unpickles the ``.metadata`` file of
-``torch.distributed.checkpoint`` with plain ``pickle.load``, which would break the rule above.
-With Megatron's distributed optimizer the sharded Adam states are gathered to data-parallel rank
-0 of each (TP, PP) slice (``get_parameter_state_dp_zero``) and scattered back
-(``load_parameter_state_from_dp_zero``).
+``checkpoint.format: per_rank`` keeps the earlier format (one ``torch.save`` file per rank with
+model, optimizer, scheduler and RNG; ``dist_opt_tp<T>_pp<P>.pt`` for the distributed optimizer's
+Adam states gathered to data-parallel rank 0). ``--load`` reads either format (the manifest's
+``checkpoint_format``); per_rank changes the layout only with the plain fp32 optimizer
+(``ckpt_reshard``).
 
-``--load`` refuses a checkpoint made from a different plan (plan hash), model config, or
-parallel layout, with a message naming what differs; a different TP size with the same data x
-context ranks, PP 1 and the plain optimizer is re-split on load (``ckpt_reshard``).
+``--load`` refuses a checkpoint made from a different plan (plan hash), model config, or a layout
+it cannot be moved to, with a message naming what differs.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from megatron_hbp.checkpoint_files import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
     begin_step,
+    check_dcp_folder,
     commit_step,
     file_entry,
     prune,
@@ -64,9 +72,28 @@ __all__ = [
     "check_compatible",
     "load_checkpoint",
     "plan_hash",
+    "poll_saves",
     "resolve_checkpoint",
     "save_checkpoint",
+    "wait_for_saves",
 ]
+
+FORMATS = ("torch_dist", "per_rank")
+DIST_DIR = "dist"
+
+
+def poll_saves() -> None:
+    """Finalize finished async saves (a collective while one is pending; cheap otherwise)."""
+    from megatron_hbp.mcore.dist_ckpt import poll_saves as poll
+
+    poll()
+
+
+def wait_for_saves() -> None:
+    """Block until every async save is written and committed (a collective while one is pending)."""
+    from megatron_hbp.mcore.dist_ckpt import wait_for_saves as wait
+
+    wait()
 
 
 def plan_hash(plan) -> str:
@@ -164,45 +191,75 @@ def save_checkpoint(
     meta: dict,
     distributed_optimizer=False,
     keep_last: int = 0,
+    fmt: str = "torch_dist",
+    async_save: bool = False,
 ) -> Path:
     """Save one step atomically (a collective: every rank calls it). Returns ``step_<N>``.
 
     Every rank writes and fsyncs its files in ``step_<N>.tmp`` and reports their sizes and
     sha256; rank 0 writes ``meta.json`` and the manifest, renames the folder, replaces
     ``latest`` and, with ``keep_last`` > 0, deletes older step folders beyond the newest K.
+    With ``fmt="torch_dist"`` and ``async_save`` the torch_dist files are written in the
+    background and all of that happens later, once they are complete (:func:`poll_saves`).
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"checkpoint.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     directory = Path(directory)
+    if fmt == "torch_dist":
+        from megatron_hbp.mcore.dist_ckpt import wait_for_saves as _wait
+
+        _wait()  # the previous async save is committed before this one starts
     if rank == 0:
         begin_step(directory, steps_done)
     _barrier()
     tmp = tmp_step_dir(directory, steps_done)
+    out = directory / f"step_{steps_done}"
     mine = {}
-    if distributed_optimizer:  # collective over the data-parallel group; DP rank 0 writes
-        name = _dist_opt_name()
-        optimizer.save_parameter_state(str(tmp / name))
-        if _dist_opt_writer(optimizer):
-            mine[name] = file_entry(tmp / name)
     state = {
         "steps_done": steps_done,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": _rng_states(),
     }
+    if fmt == "per_rank":
+        if distributed_optimizer:  # collective over the data-parallel group; DP rank 0 writes
+            name = _dist_opt_name()
+            optimizer.save_parameter_state(str(tmp / name))
+            if _dist_opt_writer(optimizer):
+                mine[name] = file_entry(tmp / name)
+        state["model"] = model.state_dict()
+        state["optimizer"] = optimizer.state_dict()
     torch.save(state, tmp / _rank_name(rank))
     mine[_rank_name(rank)] = file_entry(tmp / _rank_name(rank))
-    files = {}
-    for entries in _gather(mine):
-        files.update(entries)
-    out = directory / f"step_{steps_done}"
-    if rank == 0:
-        info = dict(meta, steps_done=steps_done)
-        (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        files["meta.json"] = file_entry(tmp / "meta.json")
-        out = commit_step(directory, steps_done, files, {"meta": info})
-        for p in prune(directory, keep_last):
-            print(f"[hbp] removed old checkpoint {p} (checkpoint.keep_last={keep_last})", flush=True)
-    _barrier()
+    info = dict(meta, steps_done=steps_done, checkpoint_format=fmt)
+
+    def commit():
+        entries = dict(mine)
+        if fmt == "torch_dist":  # the torch_dist files, complete now: each rank hashes a share
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            names = sorted(f"{DIST_DIR}/{p.name}" for p in (tmp / DIST_DIR).iterdir() if p.is_file())
+            entries.update({n: file_entry(tmp / n) for n in names[rank::world]})
+        files = {}
+        for part in _gather(entries):
+            files.update(part)
+        if rank == 0:
+            (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+            files["meta.json"] = file_entry(tmp / "meta.json")
+            final = commit_step(directory, steps_done, files, {"meta": info})
+            for p in prune(directory, keep_last):
+                print(f"[hbp] removed old checkpoint {p} (checkpoint.keep_last={keep_last})", flush=True)
+            if async_save:
+                print(f"[hbp] async save of {final} complete", flush=True)
+        _barrier()
+
+    if fmt == "torch_dist":
+        from megatron_hbp.mcore.dist_ckpt import save_dist
+
+        if rank == 0:
+            (tmp / DIST_DIR).mkdir()
+        _barrier()
+        save_dist(tmp / DIST_DIR, model, optimizer, async_save=async_save, on_done=commit)
+    else:
+        commit()
     return out
 
 
@@ -319,13 +376,16 @@ def _agreed(fn):
 def _layout_change_blocker(saved: dict, current: dict, distributed_optimizer: bool) -> str | None:
     """Why a checkpoint saved at another layout cannot be loaded here (None: it can). Supported:
     another TP size, and fewer data x context ranks (a divisor of the saved count: each rank then
-    accumulates the missing replicas), with PP 1 and the plain fp32 optimizer (its state is the
-    same on every data-parallel replica)."""
+    accumulates the missing replicas), with PP 1; a per_rank checkpoint only with the plain fp32
+    optimizer (its state is the same on every data-parallel replica)."""
     if saved.get("pp") != 1 or current.get("pp") != 1:
         return "changing the layout on resume needs pipeline parallel size 1"
-    if distributed_optimizer or saved.get("distributed_optimizer"):
+    if saved.get("checkpoint_format", "per_rank") == "per_rank" and (
+        distributed_optimizer or saved.get("distributed_optimizer")
+    ):
         return (
-            "changing the layout on resume needs optimizer.use_distributed_optimizer: false (saved and now)"
+            "a per_rank checkpoint changes the layout only with optimizer.use_distributed_optimizer: false "
+            "(saved and now); torch_dist checkpoints (checkpoint.format: torch_dist) have no such limit"
         )
     ds, dc = saved["world_size"] // saved["tp"], current["world_size"] // current["tp"]
     if dc > ds or ds % dc:
@@ -348,6 +408,7 @@ def load_checkpoint(
     """
     path = resolve_checkpoint(path, rank=rank)
     saved_meta = json.loads((path / "meta.json").read_text())
+    fmt = saved_meta.get("checkpoint_format", "per_rank")
     tp_saved, tp_now = saved_meta.get("tp"), current_meta.get("tp")
     ws_saved, ws_now = saved_meta.get("world_size"), current_meta.get("world_size")
     relayout = (tp_saved, ws_saved) != (tp_now, ws_now)
@@ -361,6 +422,10 @@ def load_checkpoint(
     # Same TP, fewer data-parallel replicas: rank (dp d, tp t) is the same global rank d * tp + t in
     # both layouts (pp 1) and every replica's state is the same, so each rank reads its own file.
     check_compatible(saved_meta, current_meta, path, ignore=("tp", "world_size") if relayout else ())
+    if fmt == "torch_dist":
+        return _load_torch_dist(path, saved_meta, model=model, optimizer=optimizer, scheduler=scheduler)
+    if fmt != "per_rank":
+        raise CheckpointCorruptError(f"{path / 'meta.json'}: unknown checkpoint_format {fmt!r}")
 
     def read_resharded():
         from megatron.core import parallel_state
@@ -407,4 +472,46 @@ def load_checkpoint(
         _load_dist_opt_state(optimizer, dopt)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_states(state["rng"])
+    return int(state["steps_done"])
+
+
+def _load_torch_dist(path: Path, saved_meta: dict, *, model, optimizer, scheduler) -> int:
+    """Load a torch_dist step folder at this layout (checked by the caller): every rank vets its
+    share of the folder's pickles, reads the scheduler / RNG file of the saved rank at its
+    (data-parallel rank, TP rank) and Megatron re-slices model and optimizer state."""
+    from megatron.core import parallel_state
+
+    from megatron_hbp.mcore.dist_ckpt import load_dist
+
+    tp_saved = int(saved_meta["tp"])
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    src = parallel_state.get_data_parallel_rank() * tp_saved + (tp_rank if tp_rank < tp_saved else 0)
+
+    def read():
+        check_dcp_folder(path / DIST_DIR)
+        f = path / _rank_name(src)
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no {f.name}")
+        state = safe_load(f)
+        if not isinstance(state, dict) or not {"scheduler", "rng", "steps_done"} <= set(state):
+            raise CheckpointCorruptError(f"{f}: not a megatron-hbp rank checkpoint (keys missing)")
+        return state
+
+    state = _agreed(read)
+
+    def load():
+        try:
+            load_dist(path / DIST_DIR, model, optimizer)
+        except Exception as e:  # Megatron's CheckpointingException and friends: one line
+            first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            raise CheckpointMismatchError(
+                f"checkpoint {path / DIST_DIR} cannot be loaded here: {first}"
+            ) from None
+
+    _agreed(load)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = dict(state["rng"])
+    if tp_rank >= tp_saved:  # Megatron's model-parallel RNG of a TP rank the checkpoint did not have
+        rng.pop("tracker", None)
+    _set_rng_states(rng)
     return int(state["steps_done"])
