@@ -981,13 +981,21 @@ def run(cfg: TrainConfig, *, on_grads=None) -> list[dict]:
             path = ckpt.save_checkpoint(
                 cfg.checkpoint.dir, done, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
                 meta=meta, distributed_optimizer=oc.use_distributed_optimizer, keep_last=cfg.checkpoint.keep_last,
+                fmt=cfg.checkpoint.format, async_save=cfg.checkpoint.async_save,
             )  # fmt: skip
             if rank == 0:
-                print(f"[hbp] saved checkpoint {path}", flush=True)
+                print(
+                    f"[hbp] {'saving' if cfg.checkpoint.async_save else 'saved'} checkpoint {path}",
+                    flush=True,
+                )
+        elif cfg.checkpoint.async_save:
+            ckpt.poll_saves()  # commits an async save whose files are written on every rank
         if stop:
+            ckpt.wait_for_saves()
             preempt.close()
             logger.close()
             raise Preempted(done, path, preempt.signame)
+    ckpt.wait_for_saves()
     preempt.close()
     logger.close()
     return records
