@@ -326,6 +326,9 @@ def _dcp_allowed() -> dict:
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     allowed[("torch", "Size")] = torch.Size
     allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    # StorageMeta.checkpoint_id of a folder saved by plain torch.distributed.checkpoint
+    allowed[("pathlib", "PosixPath")] = __import__("pathlib").PosixPath
+    allowed[("pathlib", "PurePosixPath")] = __import__("pathlib").PurePosixPath
     return allowed
 
 
@@ -452,3 +455,19 @@ def read_dcp_tensors(folder, keep=None) -> dict:
             full[sl] = t
         out[name] = full
     return out
+
+
+def read_dcp_objects(folder) -> dict:
+    """The pickled objects (``ShardedObject``s) of a torch_dist folder, each read weights-only."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    folder = Path(folder)
+    md = read_dcp_metadata(folder)
+    byte_keys = {k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    return {
+        idx.fqn: _weights_only_bytes(
+            _dcp_read(folder, info), f"{folder / info.relative_path} (object {idx.fqn})"
+        )
+        for idx, info in md.storage_data.items()
+        if idx.fqn in byte_keys
+    }
