@@ -423,3 +423,58 @@ def test_cli_sigterm_exits_75_resume_is_bitwise_and_a_crafted_pickle_is_refused(
     assert errors == [p.stderr.strip().splitlines()[-1]] and len(errors) == 1, p.stderr[-3000:]
     assert f"{bad / 'rank_00000.pt'}: refused to load" in errors[0] and "os.makedirs" in errors[0], errors
     assert not (tmp_path / "pwned").exists()
+
+    # The torch_dist folder: DCP unpickles .metadata with plain pickle and Megatron's objects with
+    # torch.load(weights_only=False). (1) a crafted .metadata; (2) a legitimate .metadata whose
+    # common-state object points at a pickle that would run code. Both refused by --load and by the
+    # converter with one line naming the file; the code never runs.
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from megatron_hbp.checkpoint_files import read_dcp_metadata
+
+    def evil_metadata(dist: Path) -> list[str]:
+        (dist / ".metadata").write_bytes(pickle.dumps(Evil()))
+        return ["dist/.metadata"]
+
+    def evil_object(dist: Path) -> list[str]:
+        md = read_dcp_metadata(dist)
+        idx = next(i for i in md.storage_data if i.fqn.startswith("common_state"))
+        buf = io.BytesIO()
+        torch.save(Evil(), buf)
+        (dist / "evil.distcp").write_bytes(buf.getvalue())
+        md.storage_data[idx] = _StorageInfo("evil.distcp", 0, len(buf.getvalue()))
+        (dist / ".metadata").write_bytes(pickle.dumps(md))
+        return ["dist/.metadata", "dist/evil.distcp"]
+
+    for name, edit, needle in (
+        ("bad_md", evil_metadata, "dist/.metadata: refused to load: the pickle names os.makedirs"),
+        ("bad_obj", evil_object, "dist/evil.distcp (object common_state"),
+    ):
+        step = tmp_path / name / f"step_{done}"
+        shutil.copytree(ck / f"step_{done}", step)
+        manifest = json.loads((step / "manifest.json").read_text())
+        for rel in edit(step / "dist"):
+            data = (step / rel).read_bytes()
+            manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (step / "manifest.json").write_text(json.dumps(manifest))
+        p = subprocess.run(cmd(name, "--load", str(step.parent)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+        assert p.returncode == 2 and len(errors) == 1, (name, p.returncode, p.stderr[-3000:])
+        assert needle in errors[0] and "makedirs" in errors[0] and str(step) in errors[0], errors
+        assert not (tmp_path / "pwned").exists(), name
+        conv = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "megatron-to-hf", "--checkpoint",
+                str(step), "--output", str(tmp_path / f"hf_{name}"), "--no-progress"]  # fmt: skip
+        p = subprocess.run(conv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and err[-1].startswith("error: ") and needle in err[-1], (
+            name,
+            p.stderr[-3000:],
+        )
+        assert "makedirs" in err[-1] and not (tmp_path / "pwned").exists(), name
+    # control: the unsafe way of reading the crafted .metadata does run the code
+    with open(tmp_path / "bad_md" / f"step_{done}" / "dist" / ".metadata", "rb") as f:
+        pickle.load(f)  # noqa: S301 - on purpose
+    assert (tmp_path / "pwned").is_dir()
