@@ -131,6 +131,8 @@ def scenario_tp2_plain(work: Path, rank: int) -> dict:
     tp2 = ParallelConfig(tp=2)
     first = run(_cfg(work, "ck_tp2_plain", distopt=False, max_steps=CUT, parallel=tp2))
     up = run(_cfg(work, "ck_tp2_from_tp1", load=f"ck_tp1_plain/step_{CUT}", distopt=False, parallel=tp2))
+    # the same TP 2 state in the per_rank fallback format (re-split by ckpt_reshard at TP 1)
+    run(_cfg(work, "ck_tp2_plain_pr", distopt=False, max_steps=CUT, parallel=tp2, fmt="per_rank"))
     return {"first": _summary(first), "from_tp1": _summary(up)}
 
 
@@ -138,6 +140,14 @@ def scenario_tp1_from_tp2(work: Path, rank: int) -> dict:
     from megatron_hbp.mcore.train import run
 
     return _summary(run(_cfg(work, "ck_tp1_from_tp2", load="ck_tp2_plain", distopt=False)))
+
+
+def scenario_tp1_from_tp2_per_rank(work: Path, rank: int) -> dict:
+    from megatron_hbp.mcore.train import run
+
+    return _summary(
+        run(_cfg(work, "ck_tp1_from_tp2_pr", load="ck_tp2_plain_pr", distopt=False, fmt="per_rank"))
+    )
 
 
 def scenario_dp2_plain(work: Path, rank: int) -> dict:
@@ -264,6 +274,7 @@ SCENARIOS = {
     "tp1_plain": scenario_tp1_plain,
     "tp2_plain": scenario_tp2_plain,
     "tp1_from_tp2": scenario_tp1_from_tp2,
+    "tp1_from_tp2_per_rank": scenario_tp1_from_tp2_per_rank,
     "dp2_plain": scenario_dp2_plain,
     "dp1": scenario_dp1,
     "async": scenario_async,
