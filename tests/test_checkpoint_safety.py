@@ -441,3 +441,28 @@ def test_checkpoint_format_and_async_save_config():
         CheckpointConfig(format="zarr")
     with pytest.raises(ConfigError, match="checkpoint.async_save needs checkpoint.format: torch_dist"):
         CheckpointConfig(format="per_rank", async_save=True)
+
+
+def test_while_megatron_loads_stored_objects_are_unpickled_weights_only(tmp_path):
+    """The second line of defence (after check_dcp_folder): inside ``_weights_only_objects`` DCP's
+    load planner refuses a stored object that names a callable, and it does not run."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_hbp.mcore.dist_ckpt import _weights_only_objects
+
+    good = _dcp_folder(tmp_path / "good")
+    out = {"w": torch.zeros(3, 4), "common": {"step": 0, "names": []}}
+    with _weights_only_objects():
+        dcp.load(out, checkpoint_id=str(good), no_dist=True)
+    assert out["common"] == {"step": 3, "names": ["a", "b"]} and out["w"][2, 3] == 11
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad"
+    dcp.save({"common": _Evil(marker)}, checkpoint_id=str(bad), no_dist=True)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with _weights_only_objects(), pytest.raises(CheckpointException, match="Weights only load failed"):
+        dcp.load({"common": None}, checkpoint_id=str(bad), no_dist=True)
+    assert not marker.exists()
+    # control: without the context DCP's planner runs it
+    dcp.load({"common": None}, checkpoint_id=str(bad), no_dist=True)
+    assert marker.is_dir()

@@ -114,10 +114,12 @@ def save_dist(folder, model, optimizer, *, async_save: bool = False, on_done=Non
 
 @contextlib.contextmanager
 def _weights_only_objects():
-    """Megatron's load planner unpickles byte objects weights-only while this is active (the
-    folder was already vetted by ``check_dcp_folder``; this closes the gap to the read)."""
-    from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
+    """While active, DCP's default load planner (used by Megatron for the common state, and the
+    base of Megatron's ``MCoreLoadPlanner``) unpickles stored objects weights-only instead of
+    ``torch.load(weights_only=False)``. The folder was already vetted by ``check_dcp_folder``;
+    this closes the gap between that check and the read."""
     from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         obj = torch.load(value, map_location="cpu", weights_only=True)
@@ -126,16 +128,12 @@ def _weights_only_objects():
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 
-    had = "load_bytes" in MCoreLoadPlanner.__dict__
-    old = MCoreLoadPlanner.__dict__.get("load_bytes")
-    MCoreLoadPlanner.load_bytes = load_bytes
+    old = DefaultLoadPlanner.__dict__["load_bytes"]
+    DefaultLoadPlanner.load_bytes = load_bytes
     try:
         yield
     finally:
-        if had:
-            MCoreLoadPlanner.load_bytes = old
-        else:
-            del MCoreLoadPlanner.load_bytes
+        DefaultLoadPlanner.load_bytes = old
 
 
 def _torch_optimizers(optimizer) -> list:
