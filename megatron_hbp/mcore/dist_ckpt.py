@@ -11,10 +11,12 @@ Loading never runs code from the folder: :func:`megatron_hbp.checkpoint_files.ch
 vets ``.metadata`` and every pickled object first, and while Megatron loads, the byte objects
 are unpickled weights-only (DCP's planner would use ``torch.load(weights_only=False)``).
 
-Async save (``checkpoint.async_save``): the tensors are copied on the calling rank, a forked
-process writes them (Megatron's ``AsyncCallsQueue`` with its ``mcore`` strategy, which runs on
-CPU / gloo); ``on_done`` (the manifest, the rename, ``latest``) runs only in the finalize step,
-after every rank's writer finished. :func:`wait_for_saves` blocks until then.
+Async save (``checkpoint.async_save``): Megatron's ``AsyncCallsQueue`` with its ``mcore``
+strategy, which runs on CPU / gloo: the save plan is made collectively, the tensors are staged on
+the host (on CPU they already are) and a forked process per rank writes them; the fork sees the
+process memory as it was when forked, so training goes on meanwhile. ``on_done`` (the manifest,
+the rename, ``latest``) runs only in the finalize step, after every rank's writer finished.
+:func:`wait_for_saves` blocks until then.
 """
 
 from __future__ import annotations
