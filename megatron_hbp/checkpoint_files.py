@@ -282,3 +282,192 @@ def select_step(path, check=None, warn=print) -> Path:
             else ": expected step_<N> folders with a manifest.json"
         )
     )
+
+
+# ----------------------------------------------------------------------------- torch_dist folders
+#
+# A ``torch.distributed.checkpoint`` (DCP) folder, as Megatron's ``dist_checkpointing`` writes it
+# (``torch_dist``): ``.metadata`` (a plain pickle: which tensor chunks and byte objects live where),
+# ``__<rank>_<n>.distcp`` data files, and ``metadata.json``. DCP's reader unpickles ``.metadata``
+# with ``pickle.load`` and every byte object (Megatron's ``ShardedObject``s, including the common
+# state) with ``torch.load(weights_only=False)``: either could run code. :func:`check_dcp_folder`
+# reads them first, ``.metadata`` with an unpickler that only knows the DCP metadata classes and
+# the torch types they hold, the byte objects weights-only; anything else is refused.
+
+DCP_METADATA = ".metadata"
+
+
+def _dcp_allowed() -> dict:
+    from torch.distributed.checkpoint import filesystem, metadata, planner
+
+    allowed = {
+        ("torch.distributed.checkpoint.metadata", n): getattr(metadata, n)
+        for n in (
+            "Metadata",
+            "MetadataIndex",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+        if hasattr(metadata, n)
+    }
+    allowed.update(
+        {
+            ("torch.distributed.checkpoint.planner", n): getattr(planner, n)
+            for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
+            if hasattr(planner, n)
+        }
+    )
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+    # maps a layout's name ("torch.strided") to the layout object, nothing else
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    # StorageMeta.checkpoint_id of a folder saved by plain torch.distributed.checkpoint
+    allowed[("pathlib", "PosixPath")] = __import__("pathlib").PosixPath
+    allowed[("pathlib", "PurePosixPath")] = __import__("pathlib").PurePosixPath
+    return allowed
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP ``.metadata`` only: its dataclasses, ``torch.Size`` and torch dtypes /
+    layouts / memory formats; any other global is refused before it is looked up or called."""
+
+    def __init__(self, f, where: Path):
+        super().__init__(f)
+        self._where = where
+        self._allowed = _dcp_allowed()
+
+    def find_class(self, module, name):
+        obj = self._allowed.get((module, name))
+        if obj is not None:
+            return obj
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"{self._where}: refused to load: the pickle names {module}.{name}, which is not a "
+            "checkpoint-metadata class; unpickling it could run code. Use a checkpoint saved by "
+            "this version of megatron-hbp, from a source you trust"
+        )
+
+
+def read_dcp_metadata(folder):
+    """The ``Metadata`` of a DCP folder, read with the restricted unpickler."""
+    f = Path(folder) / DCP_METADATA
+    if not f.is_file():
+        raise CheckpointCorruptError(f"{f}: missing (not a torch_dist checkpoint folder)")
+    try:
+        with open(f, "rb") as fh:
+            md = _DcpMetadataUnpickler(fh, f).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # truncated or not a pickle at all
+        raise CheckpointCorruptError(
+            f"{f}: cannot be read as checkpoint metadata ({type(e).__name__}: {e})"
+        ) from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+        raise CheckpointCorruptError(f"{f}: not torch.distributed.checkpoint metadata")
+    return md
+
+
+def _dcp_read(folder: Path, info) -> bytes:
+    if getattr(info, "transform_descriptors", None):
+        raise CheckpointCorruptError(
+            f"{folder / info.relative_path}: compressed / transformed entries are not supported"
+        )
+    f = (folder / info.relative_path).resolve()
+    if f.parent != folder.resolve():
+        raise UnsafeCheckpointError(
+            f"{folder / DCP_METADATA}: an entry points outside the folder ({info.relative_path})"
+        )
+    with open(f, "rb") as fh:
+        fh.seek(info.offset)
+        data = fh.read(info.length)
+    if len(data) != info.length:
+        raise CheckpointCorruptError(f"{f}: shorter than {DCP_METADATA} says (truncated?)")
+    return data
+
+
+def _weights_only_bytes(data: bytes, where: str):
+    import io
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(e))
+        what = f"it names {m.group(1)}" if m else str(e).strip().splitlines()[0][:200]
+        raise UnsafeCheckpointError(
+            f"{where}: refused to load: the object holds a Python object that is not a tensor or plain "
+            f"container ({what}); unpickling it could run code. Checkpoints are read weights-only: "
+            "use a checkpoint saved by this version of megatron-hbp, from a source you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointCorruptError(f"{where}: cannot be read ({str(e).strip()[:200]})") from None
+
+
+def check_dcp_folder(folder) -> None:
+    """Refuse a torch_dist folder whose loading could run code: ``.metadata`` through the restricted
+    unpickler, every byte object (``ShardedObject``) weights-only, a legacy ``common.pt``
+    weights-only, no other pickle files. Raises :class:`UnsafeCheckpointError` naming the file."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    folder = Path(folder)
+    md = read_dcp_metadata(folder)
+    for p in folder.iterdir():
+        if p.name in (DCP_METADATA, "metadata.json") or p.suffix == ".distcp":
+            continue
+        if p.name == "common.pt":
+            safe_load(p)
+    byte_keys = {k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    for idx, info in md.storage_data.items():
+        if idx.fqn in byte_keys:
+            _weights_only_bytes(_dcp_read(folder, info), f"{folder / info.relative_path} (object {idx.fqn})")
+
+
+def read_dcp_tensors(folder, keep=None) -> dict:
+    """Full (unsharded) tensors of a torch_dist folder, without torch.distributed: each tensor's
+    chunks read weights-only and placed at their offsets. ``keep(name)`` filters by key.
+    Call :func:`check_dcp_folder` first."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    folder = Path(folder)
+    md = read_dcp_metadata(folder)
+    out = {}
+    for name, tmd in md.state_dict_metadata.items():
+        if not isinstance(tmd, TensorStorageMetadata) or (keep is not None and not keep(name)):
+            continue
+        full = torch.empty(tuple(tmd.size), dtype=tmd.properties.dtype)
+        for chunk in tmd.chunks:
+            info = md.storage_data[MetadataIndex(name, chunk.offsets)]
+            t = _weights_only_bytes(_dcp_read(folder, info), f"{folder / info.relative_path} (tensor {name})")
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(chunk.sizes):
+                raise CheckpointCorruptError(
+                    f"{folder / info.relative_path}: tensor {name} chunk has a wrong shape"
+                )
+            sl = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
+            full[sl] = t
+        out[name] = full
+    return out
+
+
+def read_dcp_objects(folder) -> dict:
+    """The pickled objects (``ShardedObject``s) of a torch_dist folder, each read weights-only."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    folder = Path(folder)
+    md = read_dcp_metadata(folder)
+    byte_keys = {k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    return {
+        idx.fqn: _weights_only_bytes(
+            _dcp_read(folder, info), f"{folder / info.relative_path} (object {idx.fqn})"
+        )
+        for idx, info in md.storage_data.items()
+        if idx.fqn in byte_keys
+    }

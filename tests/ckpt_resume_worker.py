@@ -29,6 +29,8 @@ def _cfg(work: Path, ckdir: str | None = None, load: str | None = None, **kw):
         dir=str(work / ckdir) if ckdir else None,
         load=str(work / load) if load else None,
         save_interval=kw.pop("save_interval", 0),
+        format=kw.pop("fmt", "torch_dist"),
+        async_save=kw.pop("async_save", False),
     )
     return TrainConfig(
         model="tiny",
@@ -129,6 +131,8 @@ def scenario_tp2_plain(work: Path, rank: int) -> dict:
     tp2 = ParallelConfig(tp=2)
     first = run(_cfg(work, "ck_tp2_plain", distopt=False, max_steps=CUT, parallel=tp2))
     up = run(_cfg(work, "ck_tp2_from_tp1", load=f"ck_tp1_plain/step_{CUT}", distopt=False, parallel=tp2))
+    # the same TP 2 state in the per_rank fallback format (re-split by ckpt_reshard at TP 1)
+    run(_cfg(work, "ck_tp2_plain_pr", distopt=False, max_steps=CUT, parallel=tp2, fmt="per_rank"))
     return {"first": _summary(first), "from_tp1": _summary(up)}
 
 
@@ -136,6 +140,14 @@ def scenario_tp1_from_tp2(work: Path, rank: int) -> dict:
     from megatron_hbp.mcore.train import run
 
     return _summary(run(_cfg(work, "ck_tp1_from_tp2", load="ck_tp2_plain", distopt=False)))
+
+
+def scenario_tp1_from_tp2_per_rank(work: Path, rank: int) -> dict:
+    from megatron_hbp.mcore.train import run
+
+    return _summary(
+        run(_cfg(work, "ck_tp1_from_tp2_pr", load="ck_tp2_plain_pr", distopt=False, fmt="per_rank"))
+    )
 
 
 def scenario_dp2_plain(work: Path, rank: int) -> dict:
@@ -196,6 +208,55 @@ def scenario_kill_save(work: Path, rank: int) -> dict:
     return {"error": "not killed"}
 
 
+def scenario_async(work: Path, rank: int) -> dict:
+    """Async torch_dist saves every 2 steps, stopped after step CUT + 1 (the last save, at the end,
+    is async too: the run waits for it); then resume from the directory to END."""
+    from megatron_hbp.mcore.train import run
+
+    first = run(_cfg(work, "ck_async", save_interval=2, async_save=True, max_steps=CUT + 2))
+    second = run(_cfg(work, "ck_async", load="ck_async", async_save=True))
+    return {"first": _summary(first), "second": _summary(second)}
+
+
+def scenario_per_rank(work: Path, rank: int) -> dict:
+    """The per_rank fallback format: SIGTERM-free save at CUT, then resume (bitwise)."""
+    from megatron_hbp.mcore.train import run
+
+    run(_cfg(work, "ck_per_rank", fmt="per_rank", max_steps=CUT))
+    return _summary(run(_cfg(work, "ck_per_rank", load="ck_per_rank", fmt="per_rank")))
+
+
+def scenario_tp1_from_tp2_distopt(work: Path, rank: int) -> dict:
+    """The TP 2 distributed-optimizer checkpoint of step CUT (scenario tp2) resumed at TP 1."""
+    from megatron_hbp.mcore.train import run
+
+    return _summary(run(_cfg(work, "ck_tp1_from_tp2_do", load=f"ck_tp2/step_{CUT}")))
+
+
+def scenario_tp2_from_tp1_distopt(work: Path, rank: int) -> dict:
+    """The TP 1 distributed-optimizer checkpoint of step CUT (scenario preempt) resumed at TP 2."""
+    from megatron_hbp.mcore.config import ParallelConfig
+    from megatron_hbp.mcore.train import run
+
+    return _summary(
+        run(_cfg(work, "ck_tp2_from_tp1_do", load=f"ck_preempt/step_{CUT}", parallel=ParallelConfig(tp=2)))
+    )
+
+
+def scenario_dp2_distopt(work: Path, rank: int) -> dict:
+    """2 data-parallel ranks, CP 1 plan, distributed optimizer: the reference; saves at CUT."""
+    from megatron_hbp.mcore.train import run
+
+    return _summary(run(_cfg(work, "ck_dp2_do", plan="plan_dp.npz", save_interval=CUT)))
+
+
+def scenario_dp1_distopt(work: Path, rank: int) -> dict:
+    """1 process resumes the 2-rank distributed-optimizer checkpoint (accumulating both replicas)."""
+    from megatron_hbp.mcore.train import run
+
+    return _summary(run(_cfg(work, "ck_dp1_do", load=f"ck_dp2_do/step_{CUT}", plan="plan_dp.npz")))
+
+
 def _resume(name):
     def scenario(work: Path, rank: int) -> dict:
         from megatron_hbp.mcore.train import run
@@ -213,8 +274,15 @@ SCENARIOS = {
     "tp1_plain": scenario_tp1_plain,
     "tp2_plain": scenario_tp2_plain,
     "tp1_from_tp2": scenario_tp1_from_tp2,
+    "tp1_from_tp2_per_rank": scenario_tp1_from_tp2_per_rank,
     "dp2_plain": scenario_dp2_plain,
     "dp1": scenario_dp1,
+    "async": scenario_async,
+    "per_rank": scenario_per_rank,
+    "tp1_from_tp2_distopt": scenario_tp1_from_tp2_distopt,
+    "tp2_from_tp1_distopt": scenario_tp2_from_tp1_distopt,
+    "dp2_distopt": scenario_dp2_distopt,
+    "dp1_distopt": scenario_dp1_distopt,
     "kill_step": scenario_kill_step,
     "kill_save": scenario_kill_save,
     "resume_kill_step": _resume("ck_kill_step"),

@@ -1,6 +1,12 @@
 """Checkpoints a user can trust (issue 15), one process, no training: weights-only loading (a crafted
 pickle is refused by the trainer's load and by the converter, and nothing in it runs), atomic step
-folders with a checksum manifest, skipping unfinished / corrupt saves, keep_last, kill -9 mid-save."""
+folders with a checksum manifest, skipping unfinished / corrupt saves, keep_last, kill -9 mid-save.
+
+The toy model here is a plain torch module, so these save in the ``per_rank`` format; the folder
+protocol (manifest, rename, latest, skip) is the same code for torch_dist. The torch_dist folder's
+own pickles (DCP ``.metadata`` and its objects) are checked here on folders written by
+``torch.distributed.checkpoint`` in one process; tests/test_checkpoint_resume_dist.py trains, saves
+and crafts real Megatron torch_dist checkpoints."""
 
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ def _toy(seed=0):
 
 
 def _save(d: Path, n: int, **kw) -> Path:
+    kw.setdefault("fmt", "per_rank")
     model, opt, sched = _toy(n)
     return ckpt.save_checkpoint(d, n, rank=0, model=model, optimizer=opt, scheduler=sched, meta=_meta(), **kw)
 
@@ -277,6 +284,10 @@ def test_layout_change_is_refused_where_it_cannot_be_done_naming_what_works():
     assert "use_distributed_optimizer: false" in _layout_change_blocker(
         saved, {"tp": 1, "pp": 1, "world_size": 4}, True
     )
+    # torch_dist: Megatron re-slices the distributed optimizer's state too
+    dist = dict(saved, checkpoint_format="torch_dist", distributed_optimizer=True)
+    assert _layout_change_blocker(dist, {"tp": 1, "pp": 1, "world_size": 2}, True) is None
+    assert "(3 now)" in _layout_change_blocker(dist, {"tp": 1, "pp": 1, "world_size": 3}, True)
     assert "pipeline parallel size 1" in _layout_change_blocker(
         dict(saved, pp=2), {"tp": 1, "pp": 2, "world_size": 4}, False
     )
@@ -346,3 +357,112 @@ def test_launch_hint_names_the_rank_counts_that_can_run_a_plan():
     )  # 2 ranks x tp 2
     two = build_plan(lengths, None, PlanConfig(groups=groups, world_size=2, tokens_per_step=512))
     assert _fewer_ranks_hint(two, 1) == ""  # CP 2 needs both ranks
+
+
+# ----------------------------------------------------------------------------- torch_dist folders
+
+
+def _dcp_folder(d: Path) -> Path:
+    """A torch.distributed.checkpoint folder as Megatron's torch_dist writes it: tensors and a
+    pickled object (Megatron's ShardedObjects, e.g. its common state)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(
+        {"w": torch.arange(12.0).reshape(3, 4), "common": {"step": 3, "names": ["a", "b"]}},
+        checkpoint_id=str(d),
+        no_dist=True,
+    )
+    return d
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_dcp_folder_reads_back_without_torch_distributed(tmp_path):
+    from megatron_hbp.checkpoint_files import check_dcp_folder, read_dcp_objects, read_dcp_tensors
+
+    d = _dcp_folder(tmp_path / "dcp")
+    check_dcp_folder(d)
+    assert torch.equal(read_dcp_tensors(d)["w"], torch.arange(12.0).reshape(3, 4))
+    assert read_dcp_objects(d) == {"common.step": 3, "common.names": ["a", "b"]}
+    assert not torch.distributed.is_initialized()
+
+
+def test_crafted_dcp_metadata_is_refused_and_nothing_runs(tmp_path):
+    import pickle
+
+    from megatron_hbp.checkpoint_files import check_dcp_folder
+
+    marker = tmp_path / "pwned"
+    d = _dcp_folder(tmp_path / "dcp")
+    (d / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(UnsafeCheckpointError) as e:
+        check_dcp_folder(d)
+    msg = str(e.value)
+    assert (
+        "\n" not in msg and str(d / ".metadata") in msg and "os.makedirs" in msg and "refused to load" in msg
+    ), msg
+    assert not marker.exists()
+    # control: torch.distributed.checkpoint's reader unpickles it like this, which runs it
+    with open(d / ".metadata", "rb") as f:
+        pickle.load(f)  # noqa: S301 - on purpose
+    assert marker.is_dir()
+
+
+def test_crafted_dcp_object_is_refused_and_nothing_runs(tmp_path):
+    """A legitimate ``.metadata`` whose byte object (a Megatron ShardedObject) would run code when
+    DCP's planner unpickles it (``torch.load(weights_only=False)``)."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_hbp.checkpoint_files import check_dcp_folder
+
+    marker = tmp_path / "pwned"
+    d = tmp_path / "dcp"
+    dcp.save({"w": torch.ones(2), "common": _Evil(marker)}, checkpoint_id=str(d), no_dist=True)
+    assert not marker.exists()  # saving it ran nothing either
+    with pytest.raises(UnsafeCheckpointError) as e:
+        check_dcp_folder(d)
+    msg = str(e.value)
+    assert "\n" not in msg and "__0_0.distcp (object common)" in msg and "makedirs" in msg, msg
+    assert not marker.exists()
+
+
+def test_checkpoint_format_and_async_save_config():
+    from megatron_hbp.configio import ConfigError
+    from megatron_hbp.mcore.config import CheckpointConfig
+
+    assert CheckpointConfig().format == "torch_dist" and CheckpointConfig().async_save is False
+    with pytest.raises(ConfigError, match="checkpoint.format must be torch_dist or per_rank, got 'zarr'"):
+        CheckpointConfig(format="zarr")
+    with pytest.raises(ConfigError, match="checkpoint.async_save needs checkpoint.format: torch_dist"):
+        CheckpointConfig(format="per_rank", async_save=True)
+
+
+def test_while_megatron_loads_stored_objects_are_unpickled_weights_only(tmp_path):
+    """The second line of defence (after check_dcp_folder): inside ``_weights_only_objects`` DCP's
+    load planner refuses a stored object that names a callable, and it does not run."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_hbp.mcore.dist_ckpt import _weights_only_objects
+
+    good = _dcp_folder(tmp_path / "good")
+    out = {"w": torch.zeros(3, 4), "common": {"step": 0, "names": []}}
+    with _weights_only_objects():
+        dcp.load(out, checkpoint_id=str(good), no_dist=True)
+    assert out["common"] == {"step": 3, "names": ["a", "b"]} and out["w"][2, 3] == 11
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad"
+    dcp.save({"common": _Evil(marker)}, checkpoint_id=str(bad), no_dist=True)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with _weights_only_objects(), pytest.raises(CheckpointException, match="Weights only load failed"):
+        dcp.load({"common": None}, checkpoint_id=str(bad), no_dist=True)
+    assert not marker.exists()
+    # control: without the context DCP's planner runs it
+    dcp.load({"common": None}, checkpoint_id=str(bad), no_dist=True)
+    assert marker.is_dir()

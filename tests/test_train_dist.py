@@ -231,7 +231,12 @@ def test_resume_is_bitwise_exact_with_distributed_optimizer(work):
     r = _result(work, "resume_distopt")
     assert len(r["straight"]) == 4 and len(r["second"]) == 2
     assert r["second"] == r["straight"][2:]
-    assert (work / "ckpt_distopt" / "step_2" / "dist_opt_tp0_pp0.pt").is_file()
+    # the default checkpoint format: Megatron torch_dist (model + sharded optimizer state in dist/)
+    assert (work / "ckpt_distopt" / "step_2" / "dist" / ".metadata").is_file()
+    assert (
+        json.loads((work / "ckpt_distopt" / "step_2" / "meta.json").read_text())["checkpoint_format"]
+        == "torch_dist"
+    )
 
 
 def test_tensor_parallel_2_matches_single(work):

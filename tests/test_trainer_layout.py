@@ -14,8 +14,8 @@ PARALLEL_STATE_HOME = "megatron_hbp/mcore/parallel.py"
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 100
 # Files allowed over MAX_FILE_LINES for now, with the ceiling they may not grow past.
-# checkpoint.py is being split by the checkpoint work of issue 16; remove the entry then.
-FILE_LINE_CEILINGS = {"checkpoint.py": 440}
+# checkpoint.py: save, load, the torch_dist path and the layout rules; the per_rank format and the RNG state are split out already.
+FILE_LINE_CEILINGS = {"checkpoint.py": 430}
 
 
 def parallel_state_uses(source: str) -> list[int]:

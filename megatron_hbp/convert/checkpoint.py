@@ -26,7 +26,16 @@ from pathlib import Path
 
 import torch
 
-from megatron_hbp.checkpoint_files import is_step_dir, safe_load, select_step, step_candidates, verify_step
+from megatron_hbp.checkpoint_files import (
+    check_dcp_folder,
+    is_step_dir,
+    read_dcp_tensors,
+    read_manifest,
+    safe_load,
+    select_step,
+    step_candidates,
+    verify_step,
+)
 from megatron_hbp.configio import from_dict
 from megatron_hbp.convert.hf_config import (
     config_differences,
@@ -504,16 +513,61 @@ def export_hf(
     return [out / n for n in names]
 
 
+# Megatron's local-spec layer saves its norms under Transformer Engine's names (the layer spec's
+# ``sharded_state_dict_keys_map``) so that checkpoints move between the two specs.
+_TE_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+}
+
+
+def unstack_layers(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Model tensors of a torch_dist checkpoint under the names of the model's ``state_dict``.
+
+    Megatron's keys hold a transformer block's layers stacked along a leading dimension
+    (``decoder.layers.<name>``, shape ``[num_layers, ...]``), and the norms under TE's names
+    (``linear_qkv.layer_norm_weight``): one tensor per layer, ``input_layernorm.weight``."""
+    out = {}
+    for key, t in state.items():
+        if not key.startswith("decoder.layers."):
+            out[key] = t
+            continue
+        head, _, name = key.removeprefix("decoder.layers.").partition(".")
+        stacked = not head.isdigit()
+        if stacked:
+            head, name = "", key.removeprefix("decoder.layers.")
+        for te, local in _TE_NORM_NAMES.items():
+            if name.startswith(te):
+                name = local + name.removeprefix(te)
+        if not stacked:
+            out[f"decoder.layers.{head}.{name}"] = t
+            continue
+        if t.dim() == 0 or t.shape[0] != cfg.num_layers:
+            raise CheckpointMismatchError(
+                f"tensor {key} has shape {list(t.shape)}; expected {cfg.num_layers} stacked layers first"
+            )
+        for i in range(cfg.num_layers):
+            out[f"decoder.layers.{i}.{name}"] = t[i]
+    return out
+
+
 def training_checkpoint_sources(path: str | Path) -> tuple[list[TensorSource], ModelConfig, Path]:
     """TP rank sources of a checkpoint written by the trainer (``megatron_hbp.mcore.checkpoint``).
 
-    ``path`` is a ``step_<N>`` folder (``manifest.json`` + ``meta.json`` + ``rank_<RRRRR>.pt``) or
-    the checkpoint directory (its newest complete step folder; unfinished or corrupt ones are
-    skipped with a warning). Global ranks 0..tp-1 are the TP ranks of data-parallel rank 0
-    (Megatron's default rank order, tp fastest); their sizes and checksums are checked against
-    the manifest and their ``"model"`` state dicts memory-mapped, weights-only (a file holding any
-    other pickled object is refused, ``UnsafeCheckpointError``). Pipeline parallelism (pp > 1) is
-    refused.
+    ``path`` is a ``step_<N>`` folder (``manifest.json`` + ``meta.json`` + the state) or the
+    checkpoint directory (its newest complete step folder; unfinished or corrupt ones are skipped
+    with a warning). Sizes and checksums are checked against the manifest.
+
+    - ``torch_dist`` (``dist/``): the folder's pickles are vetted (``check_dcp_folder``: a
+      restricted unpickler for ``.metadata``, weights-only for every object) and the model's full
+      tensors assembled from their chunks, in this process, without torch.distributed; they are
+      returned as one TP-1 source (Megatron's global tensors are the TP-1 layout; stacked layer
+      tensors ``decoder.layers.<name>`` are split into ``decoder.layers.<i>.<name>``).
+    - ``per_rank``: global ranks 0..tp-1 are the TP ranks of data-parallel rank 0 (Megatron's
+      default rank order, tp fastest); their ``"model"`` state dicts are memory-mapped, weights-only.
+
+    A file holding any other pickled object is refused (``UnsafeCheckpointError``). Pipeline
+    parallelism (pp > 1) is refused.
     """
 
     def read_meta_of(step: Path) -> dict:
@@ -526,7 +580,11 @@ def training_checkpoint_sources(path: str | Path) -> tuple[list[TensorSource], M
 
     def check(step: Path) -> None:  # the sizes of all files, the checksums of the files read here
         verify_step(step, checksum=["meta.json"])
-        tp = int(read_meta_of(step)["tp"])
+        meta = read_meta_of(step)
+        if meta.get("checkpoint_format", "per_rank") == "torch_dist":
+            verify_step(step, checksum=[n for n in read_manifest(step)["files"] if n.startswith("dist/")])
+            return
+        tp = int(meta["tp"])
         verify_step(step, checksum=[f"rank_{r:05d}.pt" for r in range(tp)])
 
     path = Path(path)
@@ -541,6 +599,13 @@ def training_checkpoint_sources(path: str | Path) -> tuple[list[TensorSource], M
     if int(meta.get("pp", 1)) != 1:
         raise ValueError(f"{meta_path}: pp={meta['pp']}; export supports pipeline parallel size 1 only")
     cfg = from_dict(ModelConfig, meta["model"], str(meta_path))
+    if meta.get("checkpoint_format", "per_rank") == "torch_dist":
+        folder = path / "dist"
+        check_dcp_folder(folder)
+        full = read_dcp_tensors(
+            folder, keep=lambda n: not n.startswith("optimizer.") and "_extra_state" not in n
+        )
+        return [TensorSource.from_state_dict(unstack_layers(full, cfg), str(folder))], cfg, path
     sources = []
     for r in range(int(meta["tp"])):
         f = path / f"rank_{r:05d}.pt"

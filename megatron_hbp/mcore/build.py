@@ -156,7 +156,8 @@ def save(cfg: TrainConfig, done: int, groups: ParallelGroups, model, optimizer, 
         cfg.checkpoint.dir, done, rank=groups.rank, model=model, optimizer=optimizer, scheduler=scheduler,
         meta=meta, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         keep_last=cfg.checkpoint.keep_last, groups=groups,
+        fmt=cfg.checkpoint.format, async_save=cfg.checkpoint.async_save,
     )  # fmt: skip
     if groups.rank == 0:
-        print(f"[hbp] saved checkpoint {path}", flush=True)
+        print(f"[hbp] {'saving' if cfg.checkpoint.async_save else 'saved'} checkpoint {path}", flush=True)
     return path

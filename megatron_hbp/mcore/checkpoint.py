@@ -1,43 +1,49 @@
-"""Checkpoints: per-rank weights-only ``torch.save`` files in atomic step folders with a manifest.
+"""Checkpoints: Megatron ``dist_checkpointing`` (torch_dist) in atomic step folders with a manifest.
 
-Layout::
+Layout (``checkpoint.format: torch_dist``, the default)::
 
-    <dir>/step_<N>/rank_<RRRRR>.pt        this rank's model, optimizer, scheduler and RNG states
-    <dir>/step_<N>/dist_opt_tp<T>_pp<P>.pt   sharded Adam states (distributed optimizer only)
-    <dir>/step_<N>/meta.json              plan hash, model config, layout, CP backend, steps done
-    <dir>/step_<N>/manifest.json          format, steps done, meta, each file's size and sha256
-    <dir>/latest                          ``step_<N>`` of the newest complete save
+    <dir>/step_<N>/dist/                   Megatron torch_dist folder: model + optimizer state
+    <dir>/step_<N>/dist/.metadata            (DCP metadata), __<r>_0.distcp (data), metadata.json
+    <dir>/step_<N>/rank_<RRRRR>.pt         this rank's scheduler and RNG states (weights-only)
+    <dir>/step_<N>/meta.json               plan hash, model config, layout, CP backend, steps done
+    <dir>/step_<N>/manifest.json           format, steps done, meta, each file's size and sha256
+    <dir>/latest                           ``step_<N>`` of the newest complete save
 
 ``N`` is the number of plan steps done, so a resume continues with plan step ``N`` (the data
 position follows from it: every rank's micro-batches are a function of the plan and the step).
+The model is ``GPTModel.sharded_state_dict()``; the optimizer ``optimizer.sharded_state_dict()``,
+for Megatron's distributed optimizer in its ``fully_reshardable`` form (``mcore.dist_ckpt``), so
+one checkpoint loads at another TP size and on fewer data-parallel ranks, with either optimizer
+setting it was saved with.
 
 A save writes ``step_<N>.tmp``, fsyncs every file, gathers the ranks' sizes and checksums into
 the manifest, renames the folder and then replaces ``latest`` (``megatron_hbp.checkpoint_files``),
 so a job killed during a save leaves only a ``.tmp`` folder that ``--load DIR`` skips with a
-warning. ``--load DIR`` takes the newest step folder whose files all match the manifest (the
-ranks share the checksum work); ``--load DIR/step_<N>`` uses that folder or names its bad file.
+warning. With ``checkpoint.async_save`` the torch_dist files are written by a background process
+and the manifest / rename / ``latest`` happen only after every rank's write finished
+(:func:`poll_saves`, :func:`wait_for_saves`). ``--load DIR`` takes the newest step folder whose
+files all match the manifest (the ranks share the checksum work); ``--load DIR/step_<N>`` uses
+that folder or names its bad file.
 
-Every file is read weights-only (``torch.load(weights_only=True)``): tensors, numbers, strings
-and plain containers. The RNG states are stored as tensors and tuples (no NumPy objects) for
-that reason; a file carrying any other pickled object is refused before anything in it runs.
+Nothing is unpickled with code execution: our files are read weights-only
+(``torch.load(weights_only=True)``); the torch_dist folder's ``.metadata`` goes through a
+restricted unpickler and its pickled objects are read weights-only before Megatron sees the
+folder (``checkpoint_files.check_dcp_folder``); a file naming any other object is refused.
 
-Megatron's distributed checkpointing (``torch_dist``) is not used yet: besides
-``sharded_state_dict`` support in every module, its reader unpickles the ``.metadata`` file of
-``torch.distributed.checkpoint`` with plain ``pickle.load``, which would break the rule above.
-With Megatron's distributed optimizer the sharded Adam states are gathered to data-parallel rank
-0 of each (TP, PP) slice (``get_parameter_state_dp_zero``) and scattered back
-(``load_parameter_state_from_dp_zero``).
+``checkpoint.format: per_rank`` keeps the earlier format (one ``torch.save`` file per rank with
+model, optimizer, scheduler and RNG; ``dist_opt_tp<T>_pp<P>.pt`` for the distributed optimizer's
+Adam states gathered to data-parallel rank 0). ``--load`` reads either format (the manifest's
+``checkpoint_format``); per_rank changes the layout only with the plain fp32 optimizer
+(``ckpt_reshard``).
 
-``--load`` refuses a checkpoint made from a different plan (plan hash), model config, or
-parallel layout, with a message naming what differs; a different TP size with the same data x
-context ranks, PP 1 and the plain optimizer is re-split on load (``ckpt_reshard``).
+``--load`` refuses a checkpoint made from a different plan (plan hash), model config, or a layout
+it cannot be moved to, with a message naming what differs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +54,7 @@ from megatron_hbp.checkpoint_files import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
     begin_step,
+    check_dcp_folder,
     commit_step,
     file_entry,
     prune,
@@ -56,6 +63,17 @@ from megatron_hbp.checkpoint_files import (
     tmp_step_dir,
     verify_step,
 )
+from megatron_hbp.mcore.ckpt_per_rank import (
+    dist_opt_name,
+    dist_opt_writer,
+    load_dist_opt_state,
+    rank_name,
+    read_per_rank,
+    require_groups,
+)
+from megatron_hbp.mcore.rng_state import rng_states, set_rng_states
+
+_dist_opt_name = dist_opt_name  # the per_rank file name (tests)
 
 __all__ = [
     "CheckpointCorruptError",
@@ -64,9 +82,28 @@ __all__ = [
     "check_compatible",
     "load_checkpoint",
     "plan_hash",
+    "poll_saves",
     "resolve_checkpoint",
     "save_checkpoint",
+    "wait_for_saves",
 ]
+
+FORMATS = ("torch_dist", "per_rank")
+DIST_DIR = "dist"
+
+
+def poll_saves() -> None:
+    """Finalize finished async saves (a collective while one is pending; cheap otherwise)."""
+    from megatron_hbp.mcore.dist_ckpt import poll_saves as poll
+
+    poll()
+
+
+def wait_for_saves() -> None:
+    """Block until every async save is written and committed (a collective while one is pending)."""
+    from megatron_hbp.mcore.dist_ckpt import wait_for_saves as wait
+
+    wait()
 
 
 def plan_hash(plan) -> str:
@@ -79,70 +116,6 @@ def plan_hash(plan) -> str:
         h.update(f"|{key}|{arr.dtype.str}|{arr.shape}|".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
-
-
-def _rng_states() -> dict:
-    """Every RNG state as tensors, numbers and tuples (loadable weights-only)."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    name, key, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - the legacy global state
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "python": random.getstate(),  # (version, tuple of ints, None or float)
-        "numpy": {
-            "name": str(name),
-            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-
-
-def _set_rng_states(states: dict) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    torch.set_rng_state(states["torch"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-    random.setstate(states["python"])
-    n = states["numpy"]
-    np.random.set_state(  # noqa: NPY002
-        (n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    if "tracker" in states:  # absent after a TP change for a TP rank the checkpoint did not have
-        get_cuda_rng_tracker().set_states(states["tracker"])
-
-
-def _require_groups(groups, why: str):
-    if groups is None:
-        raise ValueError(
-            f"{why} needs this rank's place in the job: pass groups= (megatron_hbp.mcore.parallel)"
-        )
-    return groups
-
-
-def _dist_opt_name(groups) -> str:
-    g = _require_groups(groups, "the distributed-optimizer state file")
-    return f"dist_opt_tp{g.tp_rank}_pp{g.pp_rank}.pt"
-
-
-def _chained(optimizer) -> list:
-    return getattr(optimizer, "chained_optimizers", None) or [optimizer]
-
-
-def _dist_opt_writer(optimizer) -> bool:
-    """Whether this rank writes its slice's distributed-optimizer file (data-parallel rank 0)."""
-    return any(
-        getattr(o, "data_parallel_group", None) is not None and o.data_parallel_group.rank() == 0
-        for o in _chained(optimizer)
-    )
-
-
-def _rank_name(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
 
 
 def _barrier() -> None:
@@ -170,6 +143,8 @@ def save_checkpoint(
     distributed_optimizer=False,
     keep_last: int = 0,
     groups=None,
+    fmt: str = "torch_dist",
+    async_save: bool = False,
 ) -> Path:
     """Save one step atomically (a collective: every rank calls it). Returns ``step_<N>``.
 
@@ -179,39 +154,67 @@ def save_checkpoint(
     Every rank writes and fsyncs its files in ``step_<N>.tmp`` and reports their sizes and
     sha256; rank 0 writes ``meta.json`` and the manifest, renames the folder, replaces
     ``latest`` and, with ``keep_last`` > 0, deletes older step folders beyond the newest K.
+    With ``fmt="torch_dist"`` and ``async_save`` the torch_dist files are written in the
+    background and all of that happens later, once they are complete (:func:`poll_saves`).
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"checkpoint.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     directory = Path(directory)
+    if fmt == "torch_dist":
+        from megatron_hbp.mcore.dist_ckpt import wait_for_saves as _wait
+
+        _wait()  # the previous async save is committed before this one starts
     if rank == 0:
         begin_step(directory, steps_done)
     _barrier()
     tmp = tmp_step_dir(directory, steps_done)
+    out = directory / f"step_{steps_done}"
     mine = {}
-    if distributed_optimizer:  # collective over the data-parallel group; DP rank 0 writes
-        name = _dist_opt_name(groups)
-        optimizer.save_parameter_state(str(tmp / name))
-        if _dist_opt_writer(optimizer):
-            mine[name] = file_entry(tmp / name)
     state = {
         "steps_done": steps_done,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_states(),
+        "rng": rng_states(),
     }
-    torch.save(state, tmp / _rank_name(rank))
-    mine[_rank_name(rank)] = file_entry(tmp / _rank_name(rank))
-    files = {}
-    for entries in _gather(mine):
-        files.update(entries)
-    out = directory / f"step_{steps_done}"
-    if rank == 0:
-        info = dict(meta, steps_done=steps_done)
-        (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        files["meta.json"] = file_entry(tmp / "meta.json")
-        out = commit_step(directory, steps_done, files, {"meta": info})
-        for p in prune(directory, keep_last):
-            print(f"[hbp] removed old checkpoint {p} (checkpoint.keep_last={keep_last})", flush=True)
-    _barrier()
+    if fmt == "per_rank":
+        if distributed_optimizer:  # collective over the data-parallel group; DP rank 0 writes
+            name = dist_opt_name(groups)
+            optimizer.save_parameter_state(str(tmp / name))
+            if dist_opt_writer(optimizer):
+                mine[name] = file_entry(tmp / name)
+        state["model"] = model.state_dict()
+        state["optimizer"] = optimizer.state_dict()
+    torch.save(state, tmp / rank_name(rank))
+    mine[rank_name(rank)] = file_entry(tmp / rank_name(rank))
+    info = dict(meta, steps_done=steps_done, checkpoint_format=fmt)
+
+    def commit():
+        entries = dict(mine)
+        if fmt == "torch_dist":  # the torch_dist files, complete now: each rank hashes a share
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            names = sorted(f"{DIST_DIR}/{p.name}" for p in (tmp / DIST_DIR).iterdir() if p.is_file())
+            entries.update({n: file_entry(tmp / n) for n in names[rank::world]})
+        files = {}
+        for part in _gather(entries):
+            files.update(part)
+        if rank == 0:
+            (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+            files["meta.json"] = file_entry(tmp / "meta.json")
+            final = commit_step(directory, steps_done, files, {"meta": info})
+            for p in prune(directory, keep_last):
+                print(f"[hbp] removed old checkpoint {p} (checkpoint.keep_last={keep_last})", flush=True)
+            if async_save:
+                print(f"[hbp] async save of {final} complete", flush=True)
+        _barrier()
+
+    if fmt == "torch_dist":
+        from megatron_hbp.mcore.dist_ckpt import save_dist
+
+        if rank == 0:
+            (tmp / DIST_DIR).mkdir()
+        _barrier()
+        save_dist(tmp / DIST_DIR, model, optimizer, async_save=async_save, on_done=commit)
+    else:
+        commit()
     return out
 
 
@@ -280,33 +283,6 @@ def check_compatible(saved: dict, current: dict, path, ignore: tuple[str, ...] =
         )
 
 
-def _inner_torch_optimizers(optimizer) -> list:
-    return [o.optimizer for o in _chained(optimizer) if hasattr(o, "optimizer")]
-
-
-def _load_dist_opt_state(optimizer, loaded) -> None:
-    """Megatron's ``load_parameter_state`` from the weights-only ``loaded`` file content (held by
-    data-parallel rank 0, None elsewhere; Megatron scatters it), with two Megatron 0.19.2 quirks of
-    the non-TE (torch Adam) path worked around: it copies into every tensor of a param's state,
-    including the ``step`` tensor the file does not hold (KeyError), and ``load_state_dict`` gave
-    every param the SAME ``step`` tensor (torch's Adam increments it in place once per param)."""
-    inner = _inner_torch_optimizers(optimizer)
-    steps = []
-    for opt in inner:
-        for st in opt.state.values():
-            if isinstance(st.get("step"), torch.Tensor):
-                steps.append((st, st["step"].detach().clone()))
-                st["step"] = float(st["step"])
-    chained = _chained(optimizer)
-    states = None if loaded is None else ([loaded] if len(chained) == 1 else loaded)
-    with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
-        for idx, opt in enumerate(chained):
-            if hasattr(opt, "load_parameter_state_from_dp_zero"):
-                opt.load_parameter_state_from_dp_zero(states[idx] if states else None)
-    for st, step in steps:
-        st["step"] = step.clone()
-
-
 _LOAD_ERRORS = (CheckpointCorruptError, UnsafeCheckpointError, FileNotFoundError, CheckpointMismatchError)
 
 
@@ -328,13 +304,16 @@ def _agreed(fn):
 def _layout_change_blocker(saved: dict, current: dict, distributed_optimizer: bool) -> str | None:
     """Why a checkpoint saved at another layout cannot be loaded here (None: it can). Supported:
     another TP size, and fewer data x context ranks (a divisor of the saved count: each rank then
-    accumulates the missing replicas), with PP 1 and the plain fp32 optimizer (its state is the
-    same on every data-parallel replica)."""
+    accumulates the missing replicas), with PP 1; a per_rank checkpoint only with the plain fp32
+    optimizer (its state is the same on every data-parallel replica)."""
     if saved.get("pp") != 1 or current.get("pp") != 1:
         return "changing the layout on resume needs pipeline parallel size 1"
-    if distributed_optimizer or saved.get("distributed_optimizer"):
+    if saved.get("checkpoint_format", "per_rank") == "per_rank" and (
+        distributed_optimizer or saved.get("distributed_optimizer")
+    ):
         return (
-            "changing the layout on resume needs optimizer.use_distributed_optimizer: false (saved and now)"
+            "a per_rank checkpoint changes the layout only with optimizer.use_distributed_optimizer: false "
+            "(saved and now); torch_dist checkpoints (checkpoint.format: torch_dist) have no such limit"
         )
     ds, dc = saved["world_size"] // saved["tp"], current["world_size"] // current["tp"]
     if dc > ds or ds % dc:
@@ -368,6 +347,7 @@ def load_checkpoint(
     """
     path = resolve_checkpoint(path, rank=rank)
     saved_meta = json.loads((path / "meta.json").read_text())
+    fmt = saved_meta.get("checkpoint_format", "per_rank")
     tp_saved, tp_now = saved_meta.get("tp"), current_meta.get("tp")
     ws_saved, ws_now = saved_meta.get("world_size"), current_meta.get("world_size")
     relayout = (tp_saved, ws_saved) != (tp_now, ws_now)
@@ -381,49 +361,64 @@ def load_checkpoint(
     # Same TP, fewer data-parallel replicas: rank (dp d, tp t) is the same global rank d * tp + t in
     # both layouts (pp 1) and every replica's state is the same, so each rank reads its own file.
     check_compatible(saved_meta, current_meta, path, ignore=("tp", "world_size") if relayout else ())
+    if fmt == "torch_dist":
+        return _load_torch_dist(
+            path, saved_meta, model=model, optimizer=optimizer, scheduler=scheduler, groups=groups
+        )
+    if fmt != "per_rank":
+        raise CheckpointCorruptError(f"{path / 'meta.json'}: unknown checkpoint_format {fmt!r}")
 
-    def read_resharded():
-        from megatron_hbp.configio import from_dict
-        from megatron_hbp.mcore.ckpt_reshard import reshard_states, saved_ranks
-        from megatron_hbp.model_config import ModelConfig
-
-        me = _require_groups(groups, f"resharding checkpoint {path} from tp={tp_saved}")
-        files = [path / _rank_name(r) for r in saved_ranks(me.dp_rank, tp_saved)]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"checkpoint {path} has no {f.name}")
-        states = [safe_load(f) for f in files]
-        cfg = from_dict(ModelConfig, saved_meta["model"], str(path / "meta.json"))
-        return reshard_states(
-            states, cfg=cfg, tp=tp_now, tp_rank=me.tp_rank,
-            model=model, optimizer=optimizer,
-        )  # fmt: skip
-
-    def read():
-        f = path / _rank_name(rank)
-        if tp_saved != tp_now:
-            state = read_resharded()
-        elif not f.is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no file for rank {rank} ({f.name})")
-        else:
-            state = safe_load(f)
-        if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "steps_done"} <= set(
-            state
-        ):
-            raise CheckpointCorruptError(f"{f}: not a megatron-hbp rank checkpoint (keys missing)")
-        dopt = None
-        if distributed_optimizer and _dist_opt_writer(optimizer):
-            g = path / _dist_opt_name(groups)
-            if not g.is_file():
-                raise FileNotFoundError(f"checkpoint {path} has no distributed-optimizer state {g.name}")
-            dopt = safe_load(g)
-        return state, dopt
-
-    state, dopt = _agreed(read)
+    state, dopt = _agreed(
+        lambda: read_per_rank(
+            path, rank, saved_meta, tp_now=tp_now, optimizer=optimizer, model=model, groups=groups,
+            distributed_optimizer=distributed_optimizer,
+        )
+    )  # fmt: skip
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if distributed_optimizer:
-        _load_dist_opt_state(optimizer, dopt)
+        load_dist_opt_state(optimizer, dopt)
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_states(state["rng"])
+    set_rng_states(state["rng"])
+    return int(state["steps_done"])
+
+
+def _load_torch_dist(path: Path, saved_meta: dict, *, model, optimizer, scheduler, groups=None) -> int:
+    """Load a torch_dist step folder at this layout (checked by the caller): every rank vets its
+    share of the folder's pickles, reads the scheduler / RNG file of the saved rank at its
+    (data-parallel rank, TP rank) and Megatron re-slices model and optimizer state."""
+    from megatron_hbp.mcore.dist_ckpt import load_dist
+
+    me = require_groups(groups, f"loading torch_dist checkpoint {path}")
+    tp_saved = int(saved_meta["tp"])
+    tp_rank = me.tp_rank
+    src = me.dp_rank * tp_saved + (tp_rank if tp_rank < tp_saved else 0)
+
+    def read():
+        check_dcp_folder(path / DIST_DIR)
+        f = path / rank_name(src)
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no {f.name}")
+        state = safe_load(f)
+        if not isinstance(state, dict) or not {"scheduler", "rng", "steps_done"} <= set(state):
+            raise CheckpointCorruptError(f"{f}: not a megatron-hbp rank checkpoint (keys missing)")
+        return state
+
+    state = _agreed(read)
+
+    def load():
+        try:
+            load_dist(path / DIST_DIR, model, optimizer)
+        except Exception as e:  # Megatron's CheckpointingException and friends: one line
+            first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            raise CheckpointMismatchError(
+                f"checkpoint {path / DIST_DIR} cannot be loaded here: {first}"
+            ) from None
+
+    _agreed(load)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = dict(state["rng"])
+    if tp_rank >= tp_saved:  # Megatron's model-parallel RNG of a TP rank the checkpoint did not have
+        rng.pop("tracker", None)
+    set_rng_states(rng)
     return int(state["steps_done"])

@@ -100,8 +100,8 @@ class OptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """Checkpoint saving (atomic step folders of weights-only per-rank files with a checksum
-    manifest; see docs/training.md)."""
+    """Checkpoint saving (atomic step folders: Megatron torch_dist model / optimizer state plus
+    weights-only per-rank scheduler and RNG files, with a checksum manifest; see docs/training.md)."""
 
     dir: str | None = None
     """Folder for checkpoints (``step_<N>/``); None: never save."""
@@ -115,10 +115,23 @@ class CheckpointConfig:
     warning)."""
     keep_last: int = 0
     """Keep only the newest K step folders in ``dir`` (older ones deleted after each save); 0: keep all."""
+    format: str = "torch_dist"
+    """``torch_dist``: model and optimizer through Megatron's dist_checkpointing (loads at another TP
+    size / fewer data-parallel ranks, with either optimizer); ``per_rank``: the earlier one-file-per-rank
+    format (a fallback). ``--load`` reads both."""
+    async_save: bool = False
+    """Write the torch_dist files in a background process while training goes on; the step folder is
+    committed (manifest, rename, ``latest``) once every rank's write finished. Needs ``format: torch_dist``."""
 
     def __post_init__(self):
         if self.keep_last < 0:
             raise ConfigError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
+        if self.format not in ("torch_dist", "per_rank"):
+            raise ConfigError(f"checkpoint.format must be torch_dist or per_rank, got {self.format!r}")
+        if self.async_save and self.format != "torch_dist":
+            raise ConfigError(
+                "checkpoint.async_save needs checkpoint.format: torch_dist (per_rank saves are synchronous)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ import torch
 
 from megatron_hbp.data.token_files import open_sft_dataset
 from megatron_hbp.mcore import build
+from megatron_hbp.mcore import checkpoint as ckpt
 from megatron_hbp.mcore.config import TrainConfig
 from megatron_hbp.mcore.data import make_loader, rank_work_items
 from megatron_hbp.mcore.launch import _use_bf16, init_distributed
@@ -177,10 +178,14 @@ def train_loop(t: Trainer) -> list[dict]:
         path = None
         if save_now or (stop and t.cfg.checkpoint.dir):
             path = build.save(t.cfg, done, t.groups, r.model, r.optimizer, r.scheduler, t.meta)
+        elif t.cfg.checkpoint.async_save:
+            ckpt.poll_saves()  # commits an async save whose files are written on every rank
         if stop:
+            ckpt.wait_for_saves()
             preempt.close()
             t.logger.close()
             raise Preempted(done, path, preempt.signame)
+    ckpt.wait_for_saves()
     preempt.close()
     t.logger.close()
     return records
