@@ -122,4 +122,9 @@ def test_pickled_dataset_in_worker_processes(tmp_path, tok):
     with mp.get_context("spawn").Pool(2) as pool:
         got = pool.map(_lengths_in_worker, [ds, ds])
     assert got == [[9, 12, 18]] * 2
-    assert sorted(p.name.split(".")[0] for p in (tmp_path / ".decompressed").iterdir()) == ["chat"]
+    # Each spawned process made its own unnamed copy; none has a name on disk.
+    assert not (tmp_path / ".decompressed").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("si.")) == [
+        "chat.jsonl.gz",
+        "tok",
+    ]

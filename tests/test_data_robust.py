@@ -116,7 +116,7 @@ def test_truncated_gz_skip_keeps_every_complete_line(tmp_path, tok, workers):
         (complete + 1, "truncated_file")
     ]
     # The dataset reads the samples before the cut from the damaged file.
-    ds = SFTDataset(out, cache_dir=tmp_path / "dec")
+    ds = SFTDataset(out, tmp_dir=tmp_path / "dec")
     ref_ds = SFTDataset(want)
     for i in (0, complete - 1):
         assert ds[i].input_ids.tolist() == ref_ds[i].input_ids.tolist()

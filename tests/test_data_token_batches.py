@@ -112,8 +112,11 @@ def test_gz_corpus_batches_equal_and_no_decompressed_copy(tmp_path, cp):
             ds[i]
     assert not (tmp_path / ".decompressed").exists()  # the token path never decompresses the .gz
     assert isinstance(open_sft_dataset(info), TokenDataset)
+    before = sorted(p.name for p in tmp_path.iterdir())
     assert _compare(info, plan, cp) >= 2 * STEPS * plan.world_size
-    assert (tmp_path / ".decompressed").is_dir()  # the JSONL path did (its copy, compared against)
+    # The JSONL path read an unnamed copy: nothing new on disk, before or after it is freed.
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not (tmp_path / ".decompressed").exists()
 
 
 # ---------------------------------------------------------------------------- trainer pre-flight
