@@ -11,8 +11,6 @@ Tolerance: fp32 relative error (max |a − b| / max |b|) ≤ 1e-5 against float6
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from megatron_hbp.cp import (
     shard_for_cp,
     unshard_from_cp,
 )
+from tests.distributed import run_ranks
 
 TOL_FP32 = 1e-5
 
@@ -251,13 +250,13 @@ def test_bad_input():
 # Real process groups (gloo): one spawn per world size, shared by all checks
 
 
-def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _dist_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from megatron_hbp.cp import build_cp_groups
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world)  # env:// from tests.distributed
     results: dict = {}
     try:
         degrees = [c for c in (1, 2, 4) if c <= world]
@@ -298,21 +297,14 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 results[f"{name}_c{c}"] = errs
         dist.barrier()
     finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    return results
 
 
 def _spawn(world: int, worker=None) -> list[dict]:
-    """Run ``worker(rank, world, init_file, out_dir)`` (default: this module's) on ``world`` gloo
-    processes; return what each rank saved as ``out_dir/rank{r}.pt``."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.start_processes(
-            worker or _dist_worker, args=(world, init_file, tmp), nprocs=world, start_method="spawn"
-        )
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    """Run ``worker(rank, world) -> dict`` (default: this module's) on ``world`` gloo processes
+    (tests/distributed.py); return each rank's dict."""
+    return run_ranks(world, worker or _dist_worker, timeout=600)
 
 
 @pytest.fixture(scope="module")
