@@ -47,10 +47,15 @@ def free_port() -> int:
 
 
 def launch_env(extra: dict | None = None) -> dict:
-    """``os.environ`` plus the settings every launched test process gets, plus ``extra``."""
+    """``os.environ`` plus the settings every launched test process gets, plus ``extra`` (a value
+    of None removes that variable)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.update(extra or {})
+    for k, v in (extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     return env
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed import run_ranks
 
 DOC_LENGTHS = [7, 1, 12, 5]
 PADDED_LENGTHS = [8, 1, 14, 5]  # padding at the end of a document must not change its real tokens
@@ -78,12 +78,6 @@ def _hf_model(arch: str):
     return model.float().eval()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def hf_runs(tmp_path_factory):
     """Per arch: saved HF dir, the packed tokens, and transformers' logits of each document alone."""
@@ -113,19 +107,7 @@ def megatron_logits(hf_runs, tmp_path_factory):
     hf_to_megatron(hf_runs["llama"]["dir"], root / "llama_tp2", tp=2, progress=False)
     job["llama"]["converted_tp2"] = str(root / "llama_tp2")
     torch.save({"job": job, "padded": PADDED_LENGTHS}, root / "in.pt")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(root)],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    run_ranks(2, __file__, ["--worker", root], timeout=600)
     out = {(arch, tp): torch.load(root / f"{arch}_tp{tp}.pt") for arch in job for tp in (1, 2)}
     out["trained"] = (root / "trained", torch.load(root / "trained_logits.pt"))
     return out

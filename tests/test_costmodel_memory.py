@@ -15,8 +15,6 @@ RoPE and SwiGLU; see the ``TrainingSetup`` knobs); every term is a tensor shape 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +24,7 @@ import pytest
 from megatron_hbp.configio import ConfigError
 from megatron_hbp.costmodel import CostModel, TrainingSetup
 from megatron_hbp.model_config import load_model_config
+from tests.distributed import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKS = {
@@ -94,14 +93,9 @@ def _worker(out_path: str) -> None:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("mem") / "saved.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    code = f"import tests.test_costmodel_memory as m; m._worker({str(out)!r})"
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    env = dict.fromkeys(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))  # removed
+    cmd = [sys.executable, "-c", f"import tests.test_costmodel_memory as m; m._worker({str(out)!r})"]
+    run_command(cmd, timeout=600, env=env)  # tests/distributed.py
     return json.loads(out.read_text())
 
 

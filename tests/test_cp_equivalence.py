@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 from megatron_hbp.configio import to_dict
-from tests.test_train_dist import _launch
+from tests.distributed import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "test_cp_equivalence_worker.py"
@@ -127,15 +126,13 @@ def work(tmp_path_factory):
     plan_tp = build_plan(info.lengths, info.loss_tokens, cfg_tp, fingerprint=info.fingerprint)
     plan_tp.save(w / "plan_tp2.npz")
     single_process_copy(plan_tp).save(w / "plan_tp2_single.npz")
-    _launch(
-        [sys.executable, str(WORKER), str(w), "plan_single.npz:single:1", "plan_tp2_single.npz:tp_single:1"],
-        600,
-    )
-    _launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", str(WORKER),
-         str(w), "plan_cp.npz:cp:1:ulysses", "plan_cp.npz:cp_ag:1:allgather", "plan_tp2.npz:tp2:2"],
+    run_ranks(1, WORKER, [w, "plan_single.npz:single:1", "plan_tp2_single.npz:tp_single:1"], timeout=600)
+    run_ranks(
+        WORLD,
+        WORKER,
+        [w, "plan_cp.npz:cp:1:ulysses", "plan_cp.npz:cp_ag:1:allgather", "plan_tp2.npz:tp2:2"],
         timeout=900,
-    )  # fmt: skip
+    )
     return w
 
 

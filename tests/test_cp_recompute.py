@@ -11,12 +11,12 @@ parallel state are process-wide); the trainer's public builder and ``set_recompu
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = (0, 1, 2, 4)
@@ -83,12 +83,7 @@ def results(tmp_path_factory):
     import torch
 
     out = tmp_path_factory.mktemp("recompute") / "results.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"recompute worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_command([sys.executable, __file__, out], timeout=600)  # tests/distributed.py
     return torch.load(out)
 
 

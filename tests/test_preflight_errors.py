@@ -11,6 +11,7 @@ import yaml
 from megatron_hbp.configio import ConfigError, check_overrides
 from megatron_hbp.mcore.config import TrainConfig
 from megatron_hbp.planner.config import load_plan_config
+from tests.distributed import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "pretrain_llama_hbp.py"
@@ -168,14 +169,12 @@ def test_import_warnings_printed_once_by_rank_0(demo_cfg):
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(TRAIN),
            "--config", str(demo_cfg), "--dry-run"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    env = {"PYTHONWARNINGS": None}  # the warnings are what is counted
+    r = run_command(cmd, timeout=300, env=env)
     warned = collections.Counter(ln for ln in (r.stdout + r.stderr).splitlines() if "UserWarning" in ln)
     assert warned and set(warned.values()) == {1}, warned
     # A config mistake: one error line for the launch, not one per rank.
-    r = subprocess.run(
-        cmd + ["--set", "attention_backend=varlen"], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
+    r = run_command(cmd + ["--set", "attention_backend=varlen"], timeout=300, env=env, check=False)
     # (torchrun prints its own ChildFailedError traceback; none comes from our code)
     assert (
         r.returncode != 0

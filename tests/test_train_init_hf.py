@@ -12,13 +12,13 @@ Only stdlib + pytest at module level: the worker run does not need transformers.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML_JINJA = (
@@ -110,11 +110,7 @@ def trained(tmp_path_factory):
     (w / "plan.yaml").write_text(
         "groups:\n  - {pack_length: 256, cp: 1}\nworld_size: 1\nmicro_batches_per_step: 2\nseed: 0\n"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(w)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = run_command([sys.executable, __file__, w], timeout=300)  # tests/distributed.py
     return {"dir": w, "hf": hf, "stdout": proc.stdout, **json.loads((w / "result.json").read_text())}
 
 

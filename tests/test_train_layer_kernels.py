@@ -13,12 +13,12 @@ forward and backward and the fused cross-entropy forward and backward.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [
@@ -184,11 +184,7 @@ def result(tmp_path_factory):
         "num_query_groups: 2\nvocab_size: 128\nmax_position_embeddings: 4096\nrope_theta: 10000.0\n"
         "norm_epsilon: 1.0e-5\ntie_embeddings: false\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(work)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    proc = run_command([sys.executable, __file__, work], timeout=600, env={"TRITON_INTERPRET": "1"})
     assert "layer kernels triton" in proc.stdout and "layer kernels torch" in proc.stdout
     return work, json.loads((work / "result.json").read_text()), micro_batches
 

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.distributed import run_ranks
 
 WORLD = 2
 T, H, V_LOCAL = 53, 40, 150  # V = 300: neither T nor V_local is a multiple of the block
@@ -30,7 +31,7 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def _worker(rank: int, init_file: str) -> None:
+def _worker(rank: int, world: int) -> None:
     # Import inside the child: it must see TRITON_INTERPRET inherited from the parent.
     from megatron_hbp.kernels import (
         token_balanced_cross_entropy,
@@ -38,7 +39,7 @@ def _worker(rank: int, init_file: str) -> None:
         token_balanced_cross_entropy_reference,
     )
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)  # env:// from tests.distributed
     group = dist.group.WORLD
     try:
         shard = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL)
@@ -131,10 +132,9 @@ def _worker(rank: int, init_file: str) -> None:
 
 
 @pytest.mark.slow
-def test_vocab_parallel_two_gloo_processes(tmp_path):
-    init_file = str(tmp_path / "gloo_init")
-    assert "TRITON_INTERPRET" in os.environ or torch.cuda.is_available()
-    mp.spawn(_worker, args=(init_file,), nprocs=WORLD, join=True)
+def test_vocab_parallel_two_gloo_processes():
+    assert "TRITON_INTERPRET" in os.environ or torch.cuda.is_available()  # the ranks inherit it
+    run_ranks(WORLD, _worker, timeout=900)
 
 
 def test_tp_labels_are_checked_against_the_global_vocabulary():
