@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megatron_hbp.data import DataChangedError, SFTDataset, load_tokenizer, preprocess
-from megatron_hbp.data.testing import openai_line, sharegpt_line, write_jsonl, write_wordlevel_tokenizer
+from megatron_hbp.data.testing import openai_line, sharegpt_line, write_jsonl
 
 WORDS = ["System", "User", "Assistant", ":", "hi", "hello", "there", "be", "brief"]
 # ids: <unk>=0 <s>=1 </s>=2 System=3 User=4 Assistant=5 :=6 hi=7 hello=8 there=9 be=10 brief=11
@@ -19,11 +19,6 @@ LINES = [
         ("user", "hello hello hello hello"), ("assistant", "hi"), ("user", "hi"), ("assistant", "there")
     ),
 ]
-
-
-@pytest.fixture
-def tok(tmp_path):
-    return write_wordlevel_tokenizer(tmp_path / "tok" / "tokenizer.json", WORDS)
 
 
 @pytest.mark.parametrize("name", ["chat.jsonl", "chat.jsonl.gz"])

@@ -19,16 +19,11 @@ import pytest
 import megatron_hbp
 from megatron_hbp.data import DataError, SFTDataset, preprocess
 from megatron_hbp.data.formats import LineError, parse_line
-from megatron_hbp.data.testing import openai_line, write_jsonl, write_wordlevel_tokenizer
+from megatron_hbp.data.testing import openai_line, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["System", "User", "Assistant", ":", "hi", "hello", "there", "be", "brief"]
 TIMEOUT = 120  # seconds; the bug this guards against was an infinite wait
-
-
-@pytest.fixture
-def tok(tmp_path):
-    return write_wordlevel_tokenizer(tmp_path / "tok" / "tokenizer.json", WORDS)
 
 
 def chat_lines(n):

@@ -122,15 +122,6 @@ def test_gz_corpus_batches_equal_and_no_decompressed_copy(tmp_path, cp):
 # ---------------------------------------------------------------------------- trainer pre-flight
 
 
-@pytest.fixture
-def gloo(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize(
     "case,needle",
     [

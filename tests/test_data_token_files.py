@@ -38,11 +38,6 @@ IDS = [
 MASKS = [[0] * 6 + [1] * 3, [0] * 10 + [1, 1], [0] * 9 + [1, 1, 0]]
 
 
-@pytest.fixture
-def tok(tmp_path):
-    return write_wordlevel_tokenizer(tmp_path / "tok" / "tokenizer.json", WORDS)
-
-
 def _build(tmp_path, tok, name="chat.jsonl", lines=LINES, out="si.npz", **kw):
     path = write_jsonl(tmp_path / name, lines)
     kw.setdefault("max_length", 12)

@@ -30,11 +30,6 @@ LINES = [
 
 
 @pytest.fixture
-def tok(tmp_path):
-    return write_wordlevel_tokenizer(tmp_path / "tok" / "tokenizer.json", WORDS)
-
-
-@pytest.fixture
 def data(tmp_path):
     return write_jsonl(tmp_path / "chat.jsonl", LINES)
 
