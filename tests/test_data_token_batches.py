@@ -170,3 +170,47 @@ def test_trainer_preflight_checks_token_files(tmp_path, gloo, case, needle):
     with pytest.raises(TrainSetupError, match=needle) as e:
         preflight(replace(cfg), 1, 0)
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+# ------------------------------------------------------- the demo trains bitwise alike from both
+
+
+def _demo_losses(rank: int, world: int, work: str, steps: int) -> dict:
+    """In a launched process (tests/distributed.py): train the tiny model on the demo data for
+    ``steps`` plan steps from the token files and from the JSONL; the losses of both runs."""
+    from megatron_hbp.data.token_files import open_sft_dataset
+    from megatron_hbp.mcore.config import DataConfig, OptimizerConfig, PlanSource, TrainConfig
+    from megatron_hbp.mcore.train import run
+
+    out = {}
+    for name in ("si", "si_jsonl"):
+        info = str(Path(work) / f"{name}.npz")
+        cfg = TrainConfig(
+            model="tiny", data=DataConfig(sample_info=info, num_workers=1),
+            plan=PlanSource(path=str(Path(work) / "plan.npz")), dtype="fp32", max_steps=steps,
+            optimizer=OptimizerConfig(lr=2e-3, warmup_steps=1, clip_grad=1.0),
+        )  # fmt: skip
+        out[name] = {"reader": type(open_sft_dataset(info)).__name__, "losses": [r["loss"] for r in run(cfg)]}
+    return out
+
+
+@pytest.mark.slow
+def test_demo_trains_bitwise_equal_from_token_files_and_jsonl(demo_info, tmp_path):
+    """The demo data trains from its token files by default (preprocessing writes them) and gives
+    bitwise the losses of the JSONL path (the same sample info built with --no-tokens)."""
+    from tests.distributed import run_ranks
+
+    work = Path(demo_info.path).parent
+    src = demo_info.files
+    jsonl = preprocess(src, tmp_path / "si_jsonl.npz", template="plain", progress=False, tokens=False).info
+    assert jsonl.fingerprint == demo_info.fingerprint
+    (work / "si_jsonl.npz").write_bytes((tmp_path / "si_jsonl.npz").read_bytes())
+    _plan(demo_info, 1, groups=[{"pack_length": 2048}], world_size=1, tokens_per_step=4096).save(
+        work / "plan.npz"
+    )
+    steps = 3
+    (got,) = run_ranks(1, _demo_losses, (work, steps), timeout=900)
+    assert got["si"]["reader"] == "TokenDataset" and got["si_jsonl"]["reader"] == "SFTDataset", got
+    assert len(got["si"]["losses"]) == steps
+    assert got["si"]["losses"] == got["si_jsonl"]["losses"], got  # bitwise (JSON keeps float64 exactly)
+    assert got["si"]["losses"][-1] < got["si"]["losses"][0]  # it trains (lr > 0)
