@@ -528,7 +528,7 @@ def test_training_checkpoint_errors(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     try:
         import convert_checkpoint as cli
     finally:
@@ -630,7 +630,7 @@ def test_export_without_tokenizer_warns(tmp_path, caplog, capsys):
     with caplog.at_level("WARNING", logger="megatron_hbp.convert"):
         megatron_to_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
     assert any("has no tokenizer" in r.getMessage() for r in caplog.records)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     try:
         import convert_checkpoint as cli
     finally:

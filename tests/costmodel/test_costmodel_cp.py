@@ -9,7 +9,7 @@
   ``torch.autograd.graph.saved_tensors_hooks``;
 * ulysses: communication, memory and the exact 1/c attention split by hand.
 
-Small model ("mini", as in tests/test_costmodel.py): L=2, h=64, f=176, a=4, g=2, d=16, V=1000;
+Small model ("mini", as in tests/costmodel/test_costmodel.py): L=2, h=64, f=176, a=4, g=2, d=16, V=1000;
 q = a d = 64, kv = g d = 32.
 """
 
@@ -25,7 +25,7 @@ from megatron_hbp.cp import cp_comm_bytes
 from megatron_hbp.model_config import ModelConfig
 
 # The round-number model, GPU and efficiencies of the hand-computed cost-model tests.
-from tests.test_costmodel import MINI, UNIT_EFF, UNIT_GPU  # noqa: E402
+from tests.costmodel.test_costmodel import MINI, UNIT_EFF, UNIT_GPU  # noqa: E402
 
 
 def mini(cp_impl="ring", num_gpus=8, **setup):
@@ -206,7 +206,7 @@ def test_cp_impl_validation():
 
 
 # --------------------------------------------------------------------------------------------
-# (3) measured saved-for-backward bytes of the all-gather path (Ulysses: tests/test_cp_ulysses.py)
+# (3) measured saved-for-backward bytes of the all-gather path (Ulysses: tests/cp/test_cp_ulysses.py)
 
 
 def _layout(real_lengths, cp):

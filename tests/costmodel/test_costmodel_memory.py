@@ -2,7 +2,7 @@
 
 Measured = what autograd keeps for the backward pass: the bytes of every distinct storage saved
 during the forward (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded, as in
-tests/test_cp_recompute.py. Per-layer bytes come from the difference between a 4-layer and a
+tests/cp/test_cp_recompute.py. Per-layer bytes come from the difference between a 4-layer and a
 2-layer model on the same packed batch, so embeddings, final norm and loss cancel. The model runs
 with the trainer's own builder and ``set_recompute`` on three packs of different document lengths
 (so the math attention's sum-of-l^2 term is exercised), in fp32 and, for one pack, bf16.
@@ -26,7 +26,7 @@ from megatron_hbp.costmodel import CostModel, TrainingSetup
 from megatron_hbp.model_config import load_model_config
 from tests.distributed import run_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKS = {
     "mixed": [301, 77, 1, 133, 512],
     "one_long": [1024],
@@ -94,7 +94,11 @@ def _worker(out_path: str) -> None:
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("mem") / "saved.json"
     env = dict.fromkeys(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))  # removed
-    cmd = [sys.executable, "-c", f"import tests.test_costmodel_memory as m; m._worker({str(out)!r})"]
+    cmd = [
+        sys.executable,
+        "-c",
+        f"import tests.costmodel.test_costmodel_memory as m; m._worker({str(out)!r})",
+    ]
     run_command(cmd, timeout=600, env=env)  # tests/distributed.py
     return json.loads(out.read_text())
 

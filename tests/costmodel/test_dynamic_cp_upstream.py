@@ -19,8 +19,8 @@ from megatron_hbp.costmodel.dynamic_cp_upstream import (
     pack_in_order,
     schedule_step_upstream,
 )
-from tests.test_costmodel import ATTN_S_PER_PAIR, unit_model
-from tests.test_simulate import DP_S, OPT_S, t_cp1
+from tests.costmodel.test_costmodel import ATTN_S_PER_PAIR, unit_model
+from tests.costmodel.test_simulate import DP_S, OPT_S, t_cp1
 
 
 def test_next_fit_in_arrival_order():

@@ -23,7 +23,7 @@ from megatron_hbp.costmodel.dynamic_cp import BalancedCPScheduler, schedule_step
 from megatron_hbp.costmodel.simulate import format_table, global_batches
 from megatron_hbp.planner import GroupConfig, PlanConfig, build_plan
 from megatron_hbp.planner.plan import ARRAY_KEYS, Plan
-from tests.test_costmodel import ATTN_S_PER_PAIR, N_MINI, unit_model
+from tests.costmodel.test_costmodel import ATTN_S_PER_PAIR, N_MINI, unit_model
 
 DP_S = 0.5 * N_MINI * 6 / 1e9  # 2 GPUs, distributed optimizer, 1 GB/s
 OPT_S = 32 * N_MINI / 2 / 26.4576e9

@@ -9,7 +9,7 @@ documents shorter than 2·c (greedy fill puts short samples into the long packs)
 holding a single document — checked on the plan itself below.
 
 Both runs go through the trainer's public ``megatron_hbp.mcore.train.run`` (worker:
-``tests/test_cp_equivalence_worker.py``).
+``tests/cp/test_cp_equivalence_worker.py``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import yaml
 from megatron_hbp.configio import to_dict
 from tests.distributed import run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "test_cp_equivalence_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "cp" / "test_cp_equivalence_worker.py"
 WORLD = 4
 TOL = 1e-5
 pytestmark = pytest.mark.slow

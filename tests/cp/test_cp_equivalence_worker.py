@@ -1,6 +1,6 @@
-"""Worker of tests/test_cp_equivalence.py (not a test module: it holds no tests).
+"""Worker of tests/cp/test_cp_equivalence.py (not a test module: it holds no tests).
 
-Run as ``python tests/test_cp_equivalence_worker.py WORKDIR PLAN:NAME:TP ...`` (one process)
+Run as ``python tests/cp/test_cp_equivalence_worker.py WORKDIR PLAN:NAME:TP ...`` (one process)
 or as 4 ranks (``tests.distributed.run_ranks``, or ``torchrun --nproc-per-node 4``): each job trains the model of ``WORKDIR/model.yaml``
 on ``WORKDIR/PLAN`` with tensor parallel size TP through the trainer's public ``run``.
 Saved: ``NAME.json`` (the step records, rank 0) and ``NAME_rank{r}.pt`` for the ranks of the

@@ -18,7 +18,7 @@ import pytest
 
 from tests.distributed import run_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = (0, 1, 2, 4)
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from what the attention kernel is given on each rank: its (query, key) pairs x h
 the c = 1 total / c; and the tensors autograd saves for one Ulysses attention layer
 (``saved_tensors_hooks``) total ≤ 1.1x the local q, k, v and output, none holding more elements
 than the local query shard (no whole-pack, all-heads tensor). The reference is the one of
-tests/test_cp_attention.py (explicit scores in float64, no code shared with cp/).
+tests/cp/test_cp_attention.py (explicit scores in float64, no code shared with cp/).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from megatron_hbp.cp import cp_attention, shard_for_cp
 from megatron_hbp.cp.ulysses import check_ulysses_heads, kv_heads_per_rank, ulysses_comm_bytes
-from tests.test_cp_attention import _spawn, make_case, rel_err
+from tests.cp.test_cp_attention import _spawn, make_case, rel_err
 
 TOL_FP32 = 1e-5
 

@@ -18,7 +18,7 @@ import pytest
 from megatron_hbp.data import SFTDataset, preprocess
 from megatron_hbp.data.testing import write_wordlevel_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "naïve", "東京"]
 
 

@@ -21,7 +21,7 @@ from megatron_hbp.data import DataError, SFTDataset, preprocess
 from megatron_hbp.data.formats import LineError, parse_line
 from megatron_hbp.data.testing import openai_line, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["System", "User", "Assistant", ":", "hi", "hello", "there", "be", "brief"]
 TIMEOUT = 120  # seconds; the bug this guards against was an infinite wait
 

@@ -16,7 +16,7 @@ from megatron_hbp.data import SFTDataset, preprocess
 from megatron_hbp.data.token_files import TokenDataset, open_sft_dataset
 from megatron_hbp.mcore.data import MicroBatchDataset, rank_work_items
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
 FIELDS = ("tokens", "labels", "loss_mask", "loss_weight", "position_ids", "cu_seqlens", "cu_seqlens_padded")
 

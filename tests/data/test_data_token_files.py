@@ -238,7 +238,7 @@ def test_cli_no_tokens_and_disk_summary(tmp_path, tok, capsys):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "pl", Path(__file__).resolve().parents[1] / "tools" / "preprocess_lengths.py"
+        "pl", Path(__file__).resolve().parents[2] / "tools" / "preprocess_lengths.py"
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

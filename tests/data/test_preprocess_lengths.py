@@ -12,7 +12,7 @@ import pytest
 from megatron_hbp.data import DataError, SampleInfo, load_sample_info, preprocess, save_sample_info
 from megatron_hbp.data.testing import openai_line, sharegpt_line, write_jsonl, write_wordlevel_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["System", "User", "Assistant", ":", "hi", "hello", "there", "be", "brief"]
 
 # Plain template, word-level vocabulary (every word one token, "<s>"/"</s>" one token each):

@@ -13,7 +13,7 @@ from megatron_hbp.mcore.config import TrainConfig
 from megatron_hbp.planner.config import load_plan_config
 from tests.distributed import run_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "pretrain_llama_hbp.py"
 
 

@@ -2,7 +2,7 @@
 
 The module fixture saves a small random ``LlamaForCausalLM`` (``transformers``, offline) with a
 SentencePiece tokenizer and a ChatML chat template, then runs this file as a plain one-process
-trainer (``python tests/test_train_init_hf.py WORKDIR``): the trainer builds the sample info
+trainer (``python tests/mcore/test_train_init_hf.py WORKDIR``): the trainer builds the sample info
 with the shipped tokenizer, takes the shapes from ``config.json``, trains one plan step from
 the HF weights and saves, then resumes for one more step. The tests compare with
 ``transformers`` independently: the weights the first step starts from, and its loss.
@@ -20,7 +20,7 @@ import pytest
 
 from tests.distributed import run_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHATML_JINJA = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

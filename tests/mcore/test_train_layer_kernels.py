@@ -20,7 +20,7 @@ import pytest
 
 from tests.distributed import run_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = [
     "the",
     "quick",

@@ -12,7 +12,7 @@ from megatron_hbp.planner import build_plan
 from megatron_hbp.planner.build import drop_summary
 from megatron_hbp.planner.config import GroupConfig, PlanConfig, load_plan_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HBP = ROOT / "configs" / "plan_hbp_16k_128k.yaml"
 
 

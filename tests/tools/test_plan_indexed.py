@@ -71,7 +71,7 @@ def test_cli_plans_an_indexed_dataset(tmp_path, capsys):
     from megatron_hbp import load_plan
 
     spec = importlib.util.spec_from_file_location(
-        "plan_cli", Path(__file__).resolve().parents[1] / "tools" / "plan.py"
+        "plan_cli", Path(__file__).resolve().parents[2] / "tools" / "plan.py"
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -4,7 +4,7 @@ The paper's setting (configs/llama3_1_8b_128k_hbp.yaml: 16K/CP 1 and 128K/CP 8, 
 layers, 32 H100s, no Transformer Engine) must launch with the default backend (Ulysses): exit 0,
 reserve-only warnings allowed. Modelled tensors of the 128K group, by part (GiB, the trainer's
 path: varlen with expanded K/V, unfused RoPE/SwiGLU/RMSNorm, fused loss, distributed optimizer;
-hand-checkable from tests/test_costmodel_cp.py's per-token terms): weights 14.96, gradients
+hand-checkable from tests/costmodel/test_costmodel_cp.py's per-token terms): weights 14.96, gradients
 29.92, optimizer 2.80 are the static 8B terms (2, 4 and 12/32 bytes per parameter).
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from megatron_hbp.mcore.cp_seam import resolve_cp_impl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "llama3_1_8b_128k_hbp.yaml")
 
 

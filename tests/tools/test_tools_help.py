@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOLS = sorted(p for p in (ROOT / "tools").glob("*.py")) + [ROOT / "examples" / "pretrain_llama_hbp.py"]
 
 
