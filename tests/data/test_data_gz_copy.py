@@ -17,6 +17,7 @@ import pytest
 
 from megatron_hbp.data import SFTDataset, preprocess
 from megatron_hbp.data.testing import write_wordlevel_tokenizer
+from tests.distributed import run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "naïve", "東京"]
@@ -150,12 +151,11 @@ def _trainer_run(tmp_path: Path, corrupt: bool) -> tuple[subprocess.CompletedPro
     d.mkdir()
     data = d / "c.jsonl.gz"
     data.write_bytes(gzip.compress(("\n".join(_lines(120, seed=1)) + "\n").encode()))
-    pre = subprocess.run(
-        [sys.executable, "tools/preprocess_lengths.py", "--data", str(data), "--template", "plain",
-         "--output", str(d / "si.npz"), "--no-tokens", "--workers", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    run_command(
+        [sys.executable, "tools/preprocess_lengths.py", "--data", data, "--template", "plain",
+         "--output", d / "si.npz", "--no-tokens", "--workers", "1"],
+        timeout=300,
     )  # fmt: skip
-    assert pre.returncode == 0, pre.stderr[-3000:]
     assert not list(d.glob("si.tokens*")), "--no-tokens wrote token files"
     info = load_sample_info(d / "si.npz")
     pcfg = from_dict(
@@ -181,8 +181,7 @@ def _trainer_run(tmp_path: Path, corrupt: bool) -> tuple[subprocess.CompletedPro
         sys.executable, "examples/pretrain_llama_hbp.py", "--config", str(cfg), "--max-steps", "2",
         "--metrics-file", str(d / "metrics.jsonl"),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_command(cmd, timeout=600, check=False)  # tests/distributed.py: hard timeout, group kill
     return proc, d, before
 
 
