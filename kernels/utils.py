@@ -57,7 +57,7 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Tests set this to True (kernels/tests: an autouse fixture): every buffer a kernel must fully
+# Tests set this to True (tests/kernels: an autouse fixture): every buffer a kernel must fully
 # write then starts as NaN, so an unwritten element shows up in the comparison.
 POISON_OUTPUTS = False
 

@@ -8,15 +8,15 @@ CP 2 in its log, and leaves metrics and a checkpoint.
 """
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+from tests.distributed import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -55,9 +55,7 @@ def test_demo_end_to_end(tmp_path):
         "--set", f"plan.path={tmp_path / 'plan'}",
         "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = run_command(cmd, timeout=600)  # tests/distributed.py: OMP_NUM_THREADS=1, warnings off
     out = proc.stdout
     assert "Plan report" in out and "| group | pack_length | cp |" in out
     assert "CP degrees [1, 2]" in out

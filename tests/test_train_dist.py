@@ -1,21 +1,20 @@
 """Training on gloo: stable-loss equality, exact resume, TP = 2, bad inputs (issue 5 acceptance).
 
 One module fixture prepares a small chat dataset, its sample info and plans, then launches
-``tests/test_train_worker.py`` twice (1 plain process; 2 processes under torchrun running
-several scenarios) and the tests read the JSON / tensors they leave.
+``tests/test_train_worker.py`` twice with ``tests.distributed.run_ranks`` (1 process; 2 processes
+running several scenarios) and the tests read the JSON / tensors they leave.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from tests.distributed import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "test_train_worker.py"
@@ -68,15 +67,6 @@ def one_rank_copy(plan, path: Path) -> None:
         config=cfg, arrays=arrays, num_samples=plan.num_samples, fingerprint=plan.fingerprint,
         lengths_sha256=plan.lengths_sha256,
     ).save(path)  # fmt: skip
-
-
-def _launch(args: list[str], timeout: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +130,8 @@ def work(tmp_path_factory):
     other[3] += 1
     build_plan(other, info.loss_tokens, cfg).save(w / "plan_lengths_other.npz")
 
-    _launch([sys.executable, str(WORKER), str(w), "single", "rerun", "token_files"], timeout=600)
-    _launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), str(w),
-         "stable2", "resume", "resume_distopt", "tp2", "bad"],
-        timeout=900,
-    )  # fmt: skip
+    run_ranks(1, WORKER, [w, "single", "rerun", "token_files"], timeout=600)
+    run_ranks(2, WORKER, [w, "stable2", "resume", "resume_distopt", "tp2", "bad"], timeout=900)
     return w
 
 

@@ -1,23 +1,33 @@
 #!/usr/bin/env python3
 """Benchmark what a training data worker pays per sample: JSONL (seek, parse, template, tokenise)
-versus the token files (mmap slice), on the same samples, plus preprocessing time and disk use
-with and without token files.
+versus the token files (mmap slice), on the same samples, with a warm and a cold page cache, for
+``.jsonl`` and ``.jsonl.gz`` input; plus preprocessing time and disk use with and without token
+files, for both inputs.
 
-Data: the embedded demo set (3,000 short chats + 36 long documents) unless --data is given.
-Preprocesses it twice (``tokens=False`` and ``tokens=True``, ``--workers`` processes), then reads
-the same ``--samples`` random sample indices (fixed seed) in one process (= one data worker)
-through ``SFTDataset`` (JSONL) and ``TokenDataset`` (mmap; the page cache is warm: the files were
-just written) and checks every sample is identical. Prints samples/s and tokens/s per worker for
-each path, short and long samples separately. Reports, never asserts.
+Data: the embedded demo set (3,000 short chats + 36 long documents) unless --data is given; a
+gzip copy of it (level 6) is the ``.jsonl.gz`` input. Preprocesses each input twice
+(``tokens=False`` and ``tokens=True``, ``--workers`` processes), then reads the same ``--samples``
+random sample indices (fixed seed) in one process (= one data worker) through ``SFTDataset``
+(JSONL; for ``.gz`` through its unnamed decompressed copy, whose making is timed separately) and
+``TokenDataset`` (mmap) and checks the samples are identical. Prints samples/s and tokens/s per
+worker for each path, short and long samples separately.
+
+Cold cache: before each cold pass the pages of the files that path reads (the JSONL, the
+decompressed copy, or the token ``.bin`` files, unmapped first) are evicted with
+``os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``. This is best-effort: the kernel drops
+only clean pages that no one maps, another process may read them back, and nothing checks what
+was dropped. Reports, never asserts.
 
 example:
-  python tools/bench_random_access.py --samples 400
+  python tools/bench_random_access.py --samples 400 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +39,45 @@ from megatron_hbp.data.demo import ensure_demo_data
 from megatron_hbp.data.token_files import TokenDataset, token_paths
 
 
-def _read_all(ds, idx) -> tuple[float, int]:
+def _evict_fd(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.fsync(fd)  # dirty pages (the freshly written unnamed copy) are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _evict(ds) -> None:
+    """Best-effort: drop the page cache of every file ``ds`` reads (see the module docstring)."""
+    if isinstance(ds, TokenDataset):
+        ds.close()  # unmap first: mapped pages are not dropped
+        files = [ds.paths.tokens + ".bin", ds.paths.loss_mask + ".bin"]
+    else:
+        copies = getattr(ds, "_copies", {})  # the unnamed copies of .gz files (no path to open)
+        for f in copies.values():
+            _evict_fd(f.fileno())
+        files = [f for s, f in enumerate(ds.info.files) if s not in copies]
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _evict_fd(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_all(ds, idx, cold: bool) -> tuple[float, int]:
+    if cold:
+        _evict(ds)
     t0 = time.perf_counter()
     n = 0
     for i in idx:
         n += len(ds[int(i)])
     return time.perf_counter() - t0, n
+
+
+def _disk(out: Path, tokens: bool) -> int:
+    disk = out.stat().st_size
+    if tokens:
+        disk += sum(os.path.getsize(f) for f in token_paths(out).files())
+    return disk
 
 
 def main(argv=None) -> int:
@@ -49,40 +92,60 @@ def main(argv=None) -> int:
     data = args.data or [str(ensure_demo_data())]
     print(f"{os.cpu_count()} CPUs; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
-        best: dict[bool, tuple[float, int]] = {}
+        gz = []
+        for i, f in enumerate(data):
+            g = Path(tmp) / f"input{i}.jsonl.gz"
+            with open(f, "rb") as src, gzip.open(g, "wb", compresslevel=6) as dst:
+                shutil.copyfileobj(src, dst)
+            gz.append(str(g))
+        inputs = {"jsonl": data, "jsonl.gz": gz}
+        best: dict[tuple[str, bool], tuple[float, int]] = {}
+        infos = {}
         for _ in range(args.repeats):  # interleaved; the fastest run of each counts
-            for tokens in (False, True):
-                out = Path(tmp) / f"si_{int(tokens)}.npz"
-                t0 = time.perf_counter()
-                info = preprocess(
-                    data, out, template=args.template, workers=args.workers, tokens=tokens, force=True,
-                    progress=False,
-                ).info  # fmt: skip
-                secs = time.perf_counter() - t0
-                disk = out.stat().st_size
-                if tokens:
-                    disk += sum(os.path.getsize(f) for f in token_paths(out).files())
-                best[tokens] = min(best.get(tokens, (secs, disk)), (secs, disk))
-        rows = [(t, *best[t]) for t in (False, True)]
-        print(f"\ninput {sum(os.path.getsize(f) for f in data) / 1e6:.1f} MB, {len(info):,} samples, "
-              f"{int(info.lengths.sum()):,} tokens; {args.workers} preprocessing workers")  # fmt: skip
-        print("| preprocessing | wall s | disk (sample info + token files) |\n|---|---|---|")
-        for tokens, secs, disk in rows:
-            print(
-                f"| {'with tokens (default)' if tokens else '--no-tokens'} | {secs:.2f} | {disk / 1e6:.2f} MB |"
-            )
+            for kind, files in inputs.items():
+                for tokens in (False, True):
+                    out = Path(tmp) / kind.replace(".", "_") / f"si_{int(tokens)}.npz"
+                    t0 = time.perf_counter()
+                    info = preprocess(
+                        files, out, template=args.template, workers=args.workers, tokens=tokens, force=True,
+                        progress=False,
+                    ).info  # fmt: skip
+                    secs = time.perf_counter() - t0
+                    key, cur = (kind, tokens), (secs, _disk(out, tokens))
+                    best[key] = min(best.get(key, cur), cur)
+                    infos[key] = info
+        info = infos[("jsonl", True)]
+        sizes = {k: sum(os.path.getsize(f) for f in v) for k, v in inputs.items()}
+        print(f"\ninput {sizes['jsonl'] / 1e6:.2f} MB .jsonl, {sizes['jsonl.gz'] / 1e6:.2f} MB .jsonl.gz; "
+              f"{len(info):,} samples, {int(info.lengths.sum()):,} tokens; {args.workers} preprocessing "
+              f"workers; fastest of {args.repeats}")  # fmt: skip
+        print("\n| preprocessing | input | wall s | disk (sample info + token files) |\n|---|---|---:|---:|")
+        for (kind, tokens), (secs, disk) in best.items():
+            label = "with tokens (default)" if tokens else "--no-tokens"
+            print(f"| {label} | .{kind} | {secs:.2f} | {disk / 1e6:.2f} MB |")
+
+        t0 = time.perf_counter()
+        gz_ds = SFTDataset(infos[("jsonl.gz", False)])  # prints the copy's size
+        make_copy = time.perf_counter() - t0
+        jsonl, mm = SFTDataset(infos[("jsonl", False)]), TokenDataset(info)
+        print(
+            f"the .jsonl.gz JSONL path: unnamed decompressed copy made in {make_copy:.2f} s (once per process)"
+        )
 
         rng = np.random.default_rng(0)
         lengths = np.asarray(info.lengths)
         idx = rng.choice(len(lengths), min(args.samples, len(lengths)), replace=False)
-        jsonl, mm = SFTDataset(info), TokenDataset(info)
-        for i in idx[:50]:  # same samples, same ids and masks
-            a, b = jsonl[int(i)], mm[int(i)]
+        for i in idx[:50]:  # same samples, same ids and masks on every path
+            a, b, c = jsonl[int(i)], mm[int(i)], gz_ds[int(i)]
             assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.loss_mask, b.loss_mask)
-        print(
-            f"\n| random access, 1 worker ({len(idx)} samples, seed 0) | samples | samples/s | tokens/s | ms/sample |"
+            assert np.array_equal(a.input_ids, c.input_ids) and np.array_equal(a.loss_mask, c.loss_mask)
+        print(f"\n| random access, 1 worker ({len(idx)} samples, seed 0) | cache | samples | samples/s | "
+              "tokens/s | ms/sample |\n|---|---|---:|---:|---:|---:|")  # fmt: skip
+        paths = (
+            ("JSONL (SFTDataset), .jsonl", jsonl),
+            ("JSONL (SFTDataset), .jsonl.gz copy", gz_ds),
+            ("token files (TokenDataset, mmap)", mm),
         )
-        print("|---|---|---|---|---|")
         for label, sel in (
             ("all", idx),
             (f"short (< {args.long} tokens)", idx[lengths[idx] < args.long]),
@@ -90,13 +153,13 @@ def main(argv=None) -> int:
         ):
             if not sel.size:
                 continue
-            for name, ds in (("JSONL (SFTDataset)", jsonl), ("token files (TokenDataset, mmap)", mm)):
-                best = min(_read_all(ds, sel) for _ in range(args.repeats))
-                secs, toks = best
-                print(
-                    f"| {label}: {name} | {sel.size} | {sel.size / secs:,.0f} | {toks / secs:,.0f} "
-                    f"| {1e3 * secs / sel.size:.3f} |"
-                )
+            for cold in (False, True):
+                for name, ds in paths:
+                    secs, toks = min(_read_all(ds, sel, cold) for _ in range(args.repeats))
+                    print(
+                        f"| {label}: {name} | {'cold' if cold else 'warm'} | {sel.size} | {sel.size / secs:,.0f} "
+                        f"| {toks / secs:,.0f} | {1e3 * secs / sel.size:.3f} |"
+                    )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

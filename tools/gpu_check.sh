@@ -53,7 +53,7 @@ step() {  # step NAME LIMIT CMD...: run with min(LIMIT, budget left), keep going
 
 # Correctness first (compiled kernels, varlen attention vs SDPA, CP varlen path), then timings,
 # most wanted first: CP c=1 overhead and the recompute trade-off (issue 6), the kernels, training.
-step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu kernels/tests tests/test_mcore_attention.py tests/test_cp_attention.py tests/test_cp_ulysses.py
+step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/mcore/test_mcore_attention.py tests/cp/test_cp_attention.py tests/cp/test_cp_ulysses.py
 step bench_cp 180 bash -c "python3 -m megatron_hbp.cp.bench --cp 1 2 4 8 --iters 10 && python3 -m megatron_hbp.cp.bench --tokens 131072 --docs 4 --cp 1 2 4 8 --iters 10 && python3 -m megatron_hbp.cp.bench --tokens 131072 --docs 400 --cp 1 2 4 8 --iters 10"
 # shellcheck disable=SC2086  # RECOMPUTE_ARGS: extra options, e.g. "--single-doc --pack-lengths 8192,32768"
 step bench_recompute 150 python3 tools/bench_recompute_gpu.py --json "$OUT/bench_recompute.json" ${RECOMPUTE_ARGS:-}

@@ -1,7 +1,7 @@
 """The pure HF <-> Megatron-Core tensor mapping (torch only, no megatron import).
 
 Megatron-Core local-spec names (checked against a built ``GPTModel`` of megatron-core 0.19.2,
-see tests/test_convert_parity.py)::
+see tests/convert/test_convert_parity.py)::
 
     embedding.word_embeddings.weight                 [Vp/tp, h]        vocab-parallel (rows)
     decoder.layers.{i}.input_layernorm.weight        [h]               replicated

@@ -7,10 +7,14 @@ raises :class:`DataChangedError` naming the file and line, so a changed file can
 read silently at the wrong place.
 
 Gzipped files (``.jsonl.gz``): gzip has no random access, so the offsets stored by
-preprocessing refer to the decompressed stream and the dataset decompresses each ``.gz`` file
-once into a cache folder (default: ``.decompressed/`` beside the sample-info file), named after
-the compressed file's path, size and mtime, written atomically. Seeking in that plain copy is
-O(1); the per-line CRC check catches a stale or wrong copy.
+preprocessing refer to the decompressed stream, and the dataset decompresses each ``.gz`` file
+once per process into an *unnamed* temporary file (``tempfile.TemporaryFile``: ``O_TMPFILE`` or
+unlinked at once) in ``tmp_dir`` (default: the sample-info file's folder) and reads lines from
+it with ``os.pread``. The copy has no name on disk: the kernel frees it when the process ends,
+however it ends (normal exit, exception, SIGTERM pre-emption, even SIGKILL), so no copy is ever
+left behind; forked DataLoader workers share the parent's copy. Its size is printed when it is
+made. Seeking in it is O(1); the per-line CRC check catches a wrong copy. The token files
+(preprocessing's default) need no copy at all.
 
 File handles are opened lazily in each process (after a fork, a worker reopens its own), and
 pickling drops them: the dataset is cheap to send to DataLoader workers.
@@ -18,10 +22,10 @@ pickling drops them: the dataset is cheap to send to DataLoader workers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,20 @@ from megatron_hbp.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 __all__ = ["SFTDataset", "Sample", "DataChangedError"]
 
 log = logging.getLogger("megatron_hbp.data")
+
+
+def _pread_line(fd: int, offset: int, block: int = 1 << 14) -> bytes:
+    """The line starting at byte ``offset`` of descriptor ``fd``, with its newline if any."""
+    parts = []
+    while chunk := os.pread(fd, block, offset):
+        j = chunk.find(b"\n")
+        if j >= 0:
+            parts.append(chunk[: j + 1])
+            break
+        parts.append(chunk)
+        offset += len(chunk)
+        block = min(block * 2, 1 << 22)
+    return b"".join(parts)
 
 
 class DataChangedError(RuntimeError):
@@ -59,8 +77,9 @@ class SFTDataset:
     """Samples of a sample-info file (path or :class:`SampleInfo`), tokenised on access.
 
     ``tokenizer``: defaults to the file recorded in the sample info; one passed explicitly must
-    have the same file contents (SHA-256), else ``ValueError``. ``cache_dir``: where
-    decompressed copies of ``.gz`` files go.
+    have the same file contents (SHA-256), else ``ValueError``. ``tmp_dir``: the folder of the
+    unnamed temporary copies of ``.gz`` files (default: the sample info's folder, else the
+    system's temporary folder); nothing named is ever written there.
     """
 
     def __init__(
@@ -68,7 +87,7 @@ class SFTDataset:
         sample_info_or_path: SampleInfo | str | os.PathLike,
         tokenizer: Tokenizer | str | os.PathLike | None = None,
         *,
-        cache_dir: str | os.PathLike | None = None,
+        tmp_dir: str | os.PathLike | None = None,
     ):
         info = (
             sample_info_or_path
@@ -88,11 +107,15 @@ class SFTDataset:
         self._lengths = np.asarray(info.lengths)
         self._loss = np.asarray(info.loss_tokens)
         self._check_files()
-        if cache_dir is None:
-            cache_dir = Path(info.path).parent / ".decompressed" if info.path else Path("cache/decompressed")
-        self._paths = [self._readable_path(f, Path(cache_dir)) for f in info.files]
+        if tmp_dir is None:
+            tmp_dir = Path(info.path).parent if info.path else Path(tempfile.gettempdir())
+        self._tmp_dir = Path(tmp_dir)
         self._handles: dict[int, object] = {}
+        self._copies: dict[int, object] = {}  # source -> unnamed decompressed copy of a .gz file
         self._pid = os.getpid()
+        for source, f in enumerate(info.files):
+            if is_gzip_path(f):
+                self._copy(source)
 
     def _check_files(self) -> None:
         for entry in self.info.fingerprint_inputs.get("files", []):
@@ -108,29 +131,34 @@ class SFTDataset:
                     self.info.path,
                 )
 
-    @staticmethod
-    def _readable_path(path: str, cache_dir: Path) -> str:
-        if not is_gzip_path(path):
-            return path
-        st = os.stat(path)
-        key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[
-            :16
-        ]
-        copy = cache_dir / f"{Path(path).name[: -len('.gz')]}.{key}"
-        if not copy.is_file():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            log.info("decompressing %s to %s for random access (once)", path, copy)
-            fd, tmp = tempfile.mkstemp(prefix=copy.name + ".", suffix=".tmp", dir=cache_dir)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    cut = decompress_file(path, out)
-                if cut:  # preprocessing kept only the complete lines before the damage (CRC-checked)
-                    log.warning("%s: %s; only the lines before the damage are readable", path, cut)
-                os.replace(tmp, copy)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        return str(copy)
+    def _copy(self, source: int):
+        """The unnamed decompressed copy of ``.gz`` file ``source`` (made on first use in this
+        process; a forked child inherits its parent's)."""
+        f = self._copies.get(source)
+        if f is not None:
+            return f
+        path = self.info.files[source]
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        # TemporaryFile: no name on disk (O_TMPFILE, or unlinked at once), freed when the last
+        # descriptor closes, i.e. at the latest when the process (and its forked workers) ends.
+        f = tempfile.TemporaryFile(dir=self._tmp_dir)  # noqa: SIM115 - lives as long as the dataset
+        try:
+            cut = decompress_file(path, f)
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        if cut:  # preprocessing kept only the complete lines before the damage (CRC-checked)
+            log.warning("%s: %s; only the lines before the damage are readable", path, cut)
+        size = os.fstat(f.fileno()).st_size
+        print(
+            f"[hbp] decompressed {path} for random access: {size / 2**20:.1f} MiB in an unnamed temporary "
+            f"file in {self._tmp_dir} (freed when this process ends), {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+        self._copies[source] = f
+        return f
 
     def __len__(self) -> int:
         return int(self._lengths.shape[0])
@@ -138,6 +166,7 @@ class SFTDataset:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_copies"] = {}  # descriptors do not cross a pickle: a spawned child makes its own copy
         return state
 
     def __setstate__(self, state):
@@ -149,14 +178,15 @@ class SFTDataset:
             self._handles, self._pid = {}, os.getpid()
         f = self._handles.get(source)
         if f is None:
-            f = self._handles[source] = open(self._paths[source], "rb")  # noqa: SIM115 - kept open across calls, closed by close()
+            f = self._handles[source] = open(self.info.files[source], "rb")  # noqa: SIM115 - kept open across calls, closed by close()
         return f
 
     def close(self) -> None:
-        """Close the file handles of this process."""
-        for f in self._handles.values():
+        """Close the file handles of this process and free its decompressed copies (a later
+        access makes them again)."""
+        for f in [*self._handles.values(), *self._copies.values()]:
             f.close()
-        self._handles = {}
+        self._handles, self._copies = {}, {}
 
     def where(self, i: int) -> str:
         """``file:line`` of sample ``i``."""
@@ -164,9 +194,14 @@ class SFTDataset:
 
     def read_line(self, i: int) -> bytes:
         """The raw bytes of sample ``i``'s line (without the newline), CRC-checked."""
-        f = self._file(int(self.info.source[i]))
-        f.seek(int(self.info.offset[i]))
-        raw = f.readline()
+        source, offset = int(self.info.source[i]), int(self.info.offset[i])
+        if is_gzip_path(self.info.files[source]):
+            # pread: no shared file position, so forked workers can read the parent's copy at once
+            raw = _pread_line(self._copy(source).fileno(), offset)
+        else:
+            f = self._file(source)
+            f.seek(offset)
+            raw = f.readline()
         if raw.endswith(b"\n"):
             raw = raw[:-1]
         if zlib.crc32(raw) != int(self.info.crc32[i]):
