@@ -45,7 +45,7 @@ implementation (``TrainingSetup.cp_impl``):
               one all-gather of K/V per forward (B, again for a recomputed layer), and in
               backward a second all-gather (the forward keeps only the local K/V and the
               attention is recomputed) plus the reduce-scatter of dK/dV (2B): (3 L + k) B per
-              micro-batch, equal to ``megatron_hbp.cp.cp_comm_bytes`` (tests/test_costmodel_cp.py).
+              micro-batch, equal to ``megatron_hbp.cp.cp_comm_bytes`` (tests/costmodel/test_costmodel_cp.py).
               Attention compute: one more forward per layer (the recompute).
     ulysses   (``megatron_hbp.cp.ulysses``, the trainer's default): per layer and forward one
               all-to-all of q|k|v and one of the output, per backward the same for the
@@ -101,7 +101,7 @@ scores are never stored:
 Implementation knobs (``TrainingSetup``) change the full-layer term to what another code path
 saves for backward; each is the tensor shapes that path hands to autograd (read from the code and
 checked per tensor with ``torch.autograd.graph.saved_tensors_hooks`` on the tiny model, CPU,
-torch 2.13, fp32 and bf16; tests/test_costmodel_memory.py):
+torch 2.13, fp32 and bf16; tests/costmodel/test_costmodel_memory.py):
 
     rmsnorm_impl = "unfused" (torch.nn.RMSNorm, Megatron's fallback without apex/TE): per norm
         the input term b h becomes 8 h + 4: the composite kernel saves an fp32 copy of its input

@@ -4,7 +4,7 @@ Megatron-Core keeps its process groups in module globals (``megatron.core.parall
 The trainer reads them once, right after :func:`init_model_parallel`, into a frozen
 :class:`ParallelGroups` that the step, loop, loss, metrics and checkpoint code receive as an
 argument. This module is the only one in ``megatron_hbp`` that touches ``parallel_state``
-(``tests/test_trainer_layout.py`` fails on any other use).
+(``tests/mcore/test_trainer_layout.py`` fails on any other use).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ rank sends for CP attention depend on the model too: :func:`cp_comm_bytes` is th
 Stored or derived? Derived, once per ``Plan`` (``Plan.workload``, cached on first use): every
 field is a pure, deterministic function of arrays the plan file already holds plus the group
 config, and deriving it takes well under a second for a 1M-sample plan (0.12 s wall, 0.06 s CPU,
-78,892 packs, 32 ranks; ``tests/test_planner_workload.py``), so storing it would only duplicate data that could go stale
+78,892 packs, 32 ranks; ``tests/planner/test_planner_workload.py``), so storing it would only duplicate data that could go stale
 and force a new plan format version; every plan file written so far stays loadable unchanged.
 """
 

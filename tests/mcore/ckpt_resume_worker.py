@@ -1,6 +1,6 @@
-"""Multi-process scenarios for tests/test_checkpoint_resume_dist.py (not a test module itself).
+"""Multi-process scenarios for tests/mcore/test_checkpoint_resume_dist.py (not a test module itself).
 
-``torchrun --nproc-per-node 2 tests/ckpt_resume_worker.py WORKDIR SCENARIO...``: each scenario
+``torchrun --nproc-per-node 2 tests/mcore/ckpt_resume_worker.py WORKDIR SCENARIO...``: each scenario
 trains ``plan_cp.npz`` (CP 1 and CP 2 groups, recompute on the CP 2 one) with 1 data worker per
 rank, fp32 and the distributed optimizer, and writes ``WORKDIR/result_<scenario>.json`` on rank 0.
 The ``kill_*`` scenarios SIGKILL rank 1 on purpose, so their launch fails. Stdlib imports only at

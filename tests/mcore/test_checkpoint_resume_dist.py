@@ -24,8 +24,8 @@ import torch
 
 from megatron_hbp.checkpoint_files import read_dcp_objects, read_dcp_tensors, safe_load
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "ckpt_resume_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "mcore" / "ckpt_resume_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER)]
 pytestmark = pytest.mark.slow
 CUT, END = 3, 8  # the plan's CP per step: 1 2 1 2 1 1 2 1 (the last-step policy decides it)
@@ -44,7 +44,7 @@ def _launch(work: Path, scenarios: list[str], *, expect_fail=False, nproc=2) -> 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "mcore"))
     try:
         from test_train_dist import write_chat_jsonl
     finally:
@@ -345,7 +345,7 @@ def test_cli_sigterm_exits_75_resume_is_bitwise_and_a_crafted_pickle_is_refused(
 
     import yaml
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "mcore"))
     try:
         from test_train_dist import write_chat_jsonl
     finally:

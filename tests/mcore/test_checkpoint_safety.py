@@ -5,7 +5,7 @@ folders with a checksum manifest, skipping unfinished / corrupt saves, keep_last
 The toy model here is a plain torch module, so these save in the ``per_rank`` format; the folder
 protocol (manifest, rename, latest, skip) is the same code for torch_dist. The torch_dist folder's
 own pickles (DCP ``.metadata`` and its objects) are checked here on folders written by
-``torch.distributed.checkpoint`` in one process; tests/test_checkpoint_resume_dist.py trains, saves
+``torch.distributed.checkpoint`` in one process; tests/mcore/test_checkpoint_resume_dist.py trains, saves
 and crafts real Megatron torch_dist checkpoints."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from megatron_hbp.checkpoint_files import CheckpointCorruptError, UnsafeCheckpoi
 from megatron_hbp.mcore import checkpoint as ckpt
 from megatron_hbp.model_config import load_model_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _meta() -> dict:
@@ -201,7 +201,7 @@ def test_kill_9_in_the_middle_of_a_save(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        sys.path.insert(0, {str(ROOT / "tests")!r})
+        sys.path.insert(0, {str(ROOT / "tests" / "mcore")!r})
         from pathlib import Path
         import test_checkpoint_safety as t
         from megatron_hbp.mcore import checkpoint as ckpt

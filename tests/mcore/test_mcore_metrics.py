@@ -1,5 +1,5 @@
 """MFU ingredients: the FLOP count and the peak (hand-computed values); the per-rank causal pairs
-are the plan's workload (tests/test_planner_workload.py)."""
+are the plan's workload (tests/planner/test_planner_workload.py)."""
 
 from megatron_hbp.mcore.metrics import model_flops
 from megatron_hbp.model_config import load_model_config

@@ -1,7 +1,7 @@
 """Training on gloo: stable-loss equality, exact resume, TP = 2, bad inputs (issue 5 acceptance).
 
 One module fixture prepares a small chat dataset, its sample info and plans, then launches
-``tests/test_train_worker.py`` twice with ``tests.distributed.run_ranks`` (1 process; 2 processes
+``tests/mcore/test_train_worker.py`` twice with ``tests.distributed.run_ranks`` (1 process; 2 processes
 running several scenarios) and the tests read the JSON / tensors they leave.
 """
 
@@ -16,8 +16,8 @@ import pytest
 
 from tests.distributed import run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "test_train_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "mcore" / "test_train_worker.py"
 pytestmark = pytest.mark.slow
 
 WORDS = [

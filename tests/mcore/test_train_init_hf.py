@@ -103,7 +103,7 @@ def trained(tmp_path_factory):
     shutil.copy(default_tokenizer_path(), w / "hf" / "tokenizer.model")
     (w / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_JINJA}))
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "mcore"))
     from test_train_dist import write_chat_jsonl
 
     write_chat_jsonl(w / "data.jsonl", 24)

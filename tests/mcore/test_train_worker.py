@@ -1,8 +1,8 @@
-"""Multi-process scenarios for tests/test_train_dist.py (not a test module itself).
+"""Multi-process scenarios for tests/mcore/test_train_dist.py (not a test module itself).
 
 Run as N ranks by ``tests.distributed.run_ranks`` (or ``torchrun --nproc-per-node N
-tests/test_train_worker.py WORKDIR SCENARIO...``, or a plain ``python`` for one process). Each scenario trains from the files prepared by
-``tests/test_train_dist.py`` in WORKDIR and writes ``WORKDIR/result_<scenario>.json`` (and
+tests/mcore/test_train_worker.py WORKDIR SCENARIO...``, or a plain ``python`` for one process). Each scenario trains from the files prepared by
+``tests/mcore/test_train_dist.py`` in WORKDIR and writes ``WORKDIR/result_<scenario>.json`` (and
 ``.pt`` gradients) on rank 0. One launch runs several scenarios to share the ~6 s import
 cost. Only stdlib imports at module level: pytest imports this file while collecting.
 """

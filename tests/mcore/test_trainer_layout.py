@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MCORE = ROOT / "megatron_hbp" / "mcore"
 PARALLEL_STATE_HOME = "megatron_hbp/mcore/parallel.py"
 MAX_FILE_LINES = 400

@@ -126,7 +126,7 @@ def _rank_pairs(packs, cp, cp_impl="allgather") -> list[float]:
 
 
 def test_rank_attention_pairs_cp1_and_zigzag_cp2():
-    """(Moved from tests/test_mcore_metrics.py, where the trainer recounted them per step.)"""
+    """(Moved from tests/mcore/test_mcore_metrics.py, where the trainer recounted them per step.)"""
     # cp 1: a document of n tokens has n (n + 1) / 2 causal pairs: 6 + 10
     assert _rank_pairs([[3, 4]], 1) == [16]
     # cp 2, one 8-token document in 4 chunks of 2; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
@@ -168,7 +168,7 @@ def test_group_max_sum_sq_and_denominators_by_hand():
 
 
 def test_group_max_sum_sq_matches_packs():
-    """(Moved from tests/test_mcore_checkpoint.py: the trainer's memory pre-flight reads it.)"""
+    """(Moved from tests/mcore/test_mcore_checkpoint.py: the trainer's memory pre-flight reads it.)"""
     plan = build_plan(
         np.array([10, 20, 30, 5, 60, 100, 150, 200, 7, 9]),
         None,
