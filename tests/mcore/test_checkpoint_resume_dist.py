@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from megatron_hbp.checkpoint_files import read_dcp_objects, read_dcp_tensors, safe_load
+from tests.distributed import launch_env, run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "mcore" / "ckpt_resume_worker.py"
@@ -32,11 +33,9 @@ CUT, END = 3, 8  # the plan's CP per step: 1 2 1 2 1 1 2 1 (the last-step policy
 
 
 def _launch(work: Path, scenarios: list[str], *, expect_fail=False, nproc=2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # torchrun, not run_ranks: the scenarios kill -9 one rank and torchrun tears the others down
     launcher = [*TORCHRUN[:4], f"--nproc-per-node={nproc}", *TORCHRUN[5:]]
-    p = subprocess.run(
-        [*launcher, str(work), *scenarios], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
+    p = run_command([*launcher, str(work), *scenarios], timeout=900, check=False)
     if (p.returncode != 0) != expect_fail:
         raise RuntimeError(f"{scenarios}: exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
     return p
@@ -370,9 +369,8 @@ def test_cli_sigterm_exits_75_resume_is_bitwise_and_a_crafted_pickle_is_refused(
         "max_steps": end,
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(k, None)
+    unset = dict.fromkeys(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"))
+    env = launch_env(unset)  # for the Popen below, which signals the run mid-step
 
     def cmd(name, *extra):
         return [sys.executable, str(ROOT / "examples" / "pretrain_llama_hbp.py"), "--config", str(tmp_path / "run.yaml"),
@@ -381,7 +379,7 @@ def test_cli_sigterm_exits_75_resume_is_bitwise_and_a_crafted_pickle_is_refused(
     def records(name):
         return [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
 
-    subprocess.run(cmd("straight"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    run_command(cmd("straight"), env=unset, timeout=600)
     ck = tmp_path / "ck"
     p = subprocess.Popen(cmd("first", "--set", f"checkpoint.dir={ck}"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 600
@@ -400,9 +398,7 @@ def test_cli_sigterm_exits_75_resume_is_bitwise_and_a_crafted_pickle_is_refused(
         in out
     )
     assert (ck / "latest").read_text() == f"step_{done}\n"
-    subprocess.run(
-        cmd("second", "--load", str(ck)), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600
-    )
+    run_command(cmd("second", "--load", str(ck)), env=unset, timeout=600)
     keys = ("step", "loss", "grad_norm", "lr", "loss_tokens")
     straight = [{k: r[k] for k in keys} for r in records("straight")]
     assert [{k: r[k] for k in keys} for r in records("first")] == straight[:done]
@@ -426,7 +422,7 @@ def test_cli_sigterm_exits_75_resume_is_bitwise_and_a_crafted_pickle_is_refused(
     data = (bad / "rank_00000.pt").read_bytes()
     manifest["files"]["rank_00000.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    p = subprocess.run(cmd("bad", "--load", str(bad.parent)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = run_command(cmd("bad", "--load", str(bad.parent)), env=unset, timeout=600, check=False)
     assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
     errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
     assert errors == [p.stderr.strip().splitlines()[-1]] and len(errors) == 1, p.stderr[-3000:]
@@ -469,14 +465,14 @@ def test_cli_sigterm_exits_75_resume_is_bitwise_and_a_crafted_pickle_is_refused(
             data = (step / rel).read_bytes()
             manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         (step / "manifest.json").write_text(json.dumps(manifest))
-        p = subprocess.run(cmd(name, "--load", str(step.parent)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        p = run_command(cmd(name, "--load", str(step.parent)), env=unset, timeout=600, check=False)
         errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
         assert p.returncode == 2 and len(errors) == 1, (name, p.returncode, p.stderr[-3000:])
         assert needle in errors[0] and "makedirs" in errors[0] and str(step) in errors[0], errors
         assert not (tmp_path / "pwned").exists(), name
         conv = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "megatron-to-hf", "--checkpoint",
                 str(step), "--output", str(tmp_path / f"hf_{name}"), "--no-progress"]  # fmt: skip
-        p = subprocess.run(conv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        p = run_command(conv, env=unset, timeout=600, check=False)
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2 and err[-1].startswith("error: ") and needle in err[-1], (
             name,

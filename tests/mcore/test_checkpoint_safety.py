@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from megatron_hbp.checkpoint_files import CheckpointCorruptError, UnsafeCheckpointError
 from megatron_hbp.mcore import checkpoint as ckpt
 from megatron_hbp.model_config import load_model_config
+from tests.distributed import run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -211,7 +211,7 @@ def test_kill_9_in_the_middle_of_a_save(tmp_path):
         t._save(d, 2)
         """
     )
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = run_command([sys.executable, "-c", script], timeout=300, check=False)
     assert p.returncode == -9, p.stderr[-2000:]
     assert (d / "step_2.tmp" / "rank_00000.pt").is_file() and not (d / "step_2").exists()
     assert (d / "latest").read_text() == "step_1\n"
