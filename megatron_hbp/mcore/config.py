@@ -207,7 +207,7 @@ class TrainConfig:
     memory_limit_gb: float | None = None
     """Device memory for the pre-flight OOM check (None: the GPU's memory; no check on CPU)."""
     check_loss_tokens: bool = True
-    """Check every step that Megatron's token count equals the plan's (stable-loss proof)."""
+    """Check every step that Megatron's all-reduced loss denominator equals the plan's (stable-loss proof; one line naming step and rank if not)."""
 
     def __post_init__(self):
         if self.model is None and self.init_from is None:
