@@ -163,6 +163,7 @@ def test_check_overrides():
         check_overrides(TrainConfig, ["seedd=1"])
 
 
+@pytest.mark.slow  # a 2-rank torchrun launch (~20 s on 2 cores)
 def test_import_warnings_printed_once_by_rank_0(demo_cfg):
     # Megatron's TE/Apex/deprecation warnings used to be printed by every rank.
     import collections

@@ -189,6 +189,7 @@ def result(tmp_path_factory):
     return work, json.loads((work / "result.json").read_text()), micro_batches
 
 
+@pytest.mark.slow  # two trainer runs under the Triton interpreter (~17 s on 2 cores)
 def test_triton_layers_match_torch_losses_and_grads(result):
     import torch
 
@@ -206,6 +207,7 @@ def test_triton_layers_match_torch_losses_and_grads(result):
             assert err <= 1e-5, (step, name, err)
 
 
+@pytest.mark.slow  # reads the same trainer runs
 def test_bf16_model_within_twice_torch_bf16_error(result):
     """bf16 activations with the (fp32) norm weights of the local spec: the Triton layers and CE
     against the fp32 model are within 2x of the torch bf16 path's own error."""
@@ -216,6 +218,7 @@ def test_bf16_model_within_twice_torch_bf16_error(result):
     assert ours["grad"] <= 2 * torch_bf16["grad"]
 
 
+@pytest.mark.slow  # reads the same trainer runs
 def test_every_triton_kernel_ran_only_on_the_triton_path(result):
     _, res, mbs = result
     assert all(v == 0 for v in res["torch"]["calls"].values()), res["torch"]["calls"]
