@@ -4,7 +4,7 @@ Trains a ~1B LLaMA-shaped model (preset ``llama_1b``) with 16K-32K tokens per mi
 embedded demo data (long documents truncated to the largest pack; ``--max-samples`` keeps the
 first N lines of the shuffled demo file), once with an HBP plan (two groups: 16K packs without
 recompute, 32K packs with recompute, balanced) and once with an ISF plan (one 32K group,
-recompute everywhere, no balancing), through the same trainer (``megatron_hbp.mcore.train.run``), each training in a process of its own.
+recompute everywhere, no balancing), through the same trainer (``megatron_hbp.mcore.loop.run``), each training in a process of its own.
 
 Both plans cover exactly the same samples (``last_step: shrink``, nothing too long after the
 truncation) and each runs to its end, so the comparison is over the same tokens: total tokens,
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
             "import json, sys\n"
             "from megatron_hbp.configio import from_dict\n"
             "from megatron_hbp.mcore.config import TrainConfig\n"
-            "from megatron_hbp.mcore.train import run\n"
+            "from megatron_hbp.mcore.loop import run\n"
             "run(from_dict(TrainConfig, json.loads(sys.argv[1])))\n"
         )
         if metrics:

@@ -85,6 +85,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--strategies", default=",".join(KEYS), help=f"comma-separated subset of {', '.join(KEYS)}"
     )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="never show the progress bar (off anyway when stderr is not a terminal)",
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     a = p.parse_args(argv)
     if a.plans:
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
             loss_tokens=loss,
             tokens_per_step=tokens_per_step,
             seed=a.seed,
-            progress=True,
+            progress=not a.no_progress and sys.stderr.isatty(),  # no bar in captured logs
         )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
