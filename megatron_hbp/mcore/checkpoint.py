@@ -73,8 +73,6 @@ from megatron_hbp.mcore.ckpt_per_rank import (
 )
 from megatron_hbp.mcore.rng_state import rng_states, set_rng_states
 
-_dist_opt_name = dist_opt_name  # the per_rank file name (tests)
-
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointMismatchError",

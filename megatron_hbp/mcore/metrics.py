@@ -21,6 +21,7 @@ import torch
 
 from megatron_hbp.costmodel.hardware import hardware_for_device_name
 from megatron_hbp.kernels import attention_pairs_to_flops
+from megatron_hbp.planner.workload import cp_comm_bytes
 
 
 def step_rank_work(
@@ -38,8 +39,6 @@ def step_rank_work(
     """From the plan's workload (``Plan.workload``, no recount, no collective): the causal pairs of
     every data x context rank of the launch in ``step`` (``attn_pairs_per_rank``) and the bytes
     rank ``dp_rank`` sends for CP attention in it (``cp_comm_bytes_per_rank``)."""
-    from megatron_hbp.planner.workload import cp_comm_bytes
-
     pairs = workload.rank_values(workload.entry_pairs(cp_impl), step, dp_size).tolist()
     cp = int(workload.step_cp[step])
     comm = 0

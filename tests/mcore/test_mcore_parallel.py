@@ -57,11 +57,11 @@ def test_parallel_groups_two_processes():
 
 
 def test_checkpoint_asks_for_groups_where_it_needs_a_rank():
-    from megatron_hbp.mcore import checkpoint as ckpt
+    from megatron_hbp.mcore import ckpt_per_rank as ckpt
     from megatron_hbp.mcore.parallel import ParallelGroups
 
     with pytest.raises(ValueError, match=r"distributed-optimizer state file .* pass groups="):
-        ckpt._dist_opt_name(None)
+        ckpt.dist_opt_name(None)
     g = ParallelGroups(rank=3, world=4, tp=2, pp=2, dp=1, tp_rank=1, pp_rank=1, dp_rank=0)
-    assert ckpt._dist_opt_name(g) == "dist_opt_tp1_pp1.pt"
+    assert ckpt.dist_opt_name(g) == "dist_opt_tp1_pp1.pt"
     assert (g.is_first_stage, g.is_last_stage, g.is_logger) == (False, True, True)

@@ -19,26 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_command
+from tests.mcore.test_train_dist import WORDS  # the same 16-word vocabulary
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "packing",
-    "long",
-    "sequences",
-    "into",
-    "balanced",
-    "batches",
-]
 
 
 def _worker(work: Path) -> None:
